@@ -1,0 +1,90 @@
+"""Default configuration shared by every experiment file under configs/.
+
+Each file in configs/ calls `base_config()` and changes what differs, so one place holds every
+key (and `main.py` rejects unknown ones). Defaults follow the official CEN segmentation recipe
+(RefineNet-LW on ResNet-101, NYUDv2, papers.md §1.2).
+"""
+
+import ml_collections
+
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+  # Branch order: branch m of every stacked array is modality config.modalities[m].
+  config.modalities = ('rgb', 'depth')
+
+  config.model = m = ml_collections.ConfigDict()
+  m.fusion = 'cen'  # 'cen' | 'asymfusion' | 'none' (shared convs, private norms, late ensemble)
+  m.resnet = 101  # 50 | 101 | 152; ignored when `blocks` is set
+  m.blocks = ()  # bottlenecks per stage, e.g. (1, 1, 1, 1) for tiny test models
+  m.stem_width = 64
+  m.widths = (64, 128, 256, 512)  # bottleneck planes per stage (outputs are 4x)
+  m.decoder_widths = (512, 256)  # RefineNet-LW: 512 at the deepest level, 256 elsewhere
+  m.num_classes = 40
+  m.threshold = 2e-2  # |BN scale| below this => channel exchanged
+  m.bn_momentum = 0.1  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
+  m.bn_eps = 1e-5
+  m.frozen_bn = True  # official FREEZE_BN: running statistics in training, never updated
+  m.dropout = 0.5
+  m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params/statistics stay float32)
+  m.init_from = ''  # torchvision ImageNet .pth (needs torch) or '' for random init
+
+  config.data = d = ml_collections.ConfigDict()
+  d.name = 'nyudv2'  # TFDS builder under data/
+  d.data_dir = './tfds_data'  # where prepared array_record files live
+  d.manual_dir = ''  # user-downloaded files (NYUDv2/SUN RGB-D layout)
+  d.train_split = 'train'
+  d.eval_split = 'test'
+  d.crop_size = 500
+  d.shorter_side = 350
+  d.low_scale = 0.5
+  d.high_scale = 2.0
+  d.ignore_label = 255
+  d.depth_scale = 1.0 / 5000
+  d.rgb_mean = IMAGENET_MEAN
+  d.rgb_std = IMAGENET_STD
+  d.num_workers = 0  # grain worker processes for augmentation (0: in the main process)
+  d.eval_batch_size = 1  # per device; batches only group equal-shaped images
+  d.eval_upsample = 'bicubic'  # logits -> label size: 'bicubic' (official, cv2) | 'bilinear'
+  d.tta_scales = (1.0,)
+  d.tta_flip = False
+
+  config.train = t = ml_collections.ConfigDict()
+  t.batch_size = 6  # global
+  t.stage_epochs = (100, 100, 100)
+  t.lr_enc = (5e-4, 2.5e-4, 1e-4)
+  t.lr_dec = (3e-3, 1.5e-3, 7e-4)
+  t.momentum_enc = 0.9
+  t.momentum_dec = 0.9
+  t.wd_enc = 1e-5
+  t.wd_dec = 1e-5
+  t.l1_lambda = 2e-4
+  t.l1_per_output = True  # official: the L1 term sits in the loop over M + 1 outputs
+  t.parallel = 'pmap'  # 'pmap' | 'shard_map'
+  t.eval_every_epochs = 5
+  t.log_every_steps = 10
+  t.checkpoint_every_steps = 500
+  t.keep_checkpoints = 2
+  t.num_previews = 4
+  t.max_steps = -1  # > 0 truncates the schedule (smoke runs)
+
+  config.distributed = dist = ml_collections.ConfigDict()
+  dist.initialize = False  # call jax.distributed.initialize (auto-detected on TPU/Slurm/MPI)
+  dist.coordinator_address = ''
+  dist.num_processes = 1
+  dist.process_id = 0
+  return config
+
+
+def resnet_blocks(model_config) -> tuple:
+  if model_config.blocks:
+    return tuple(model_config.blocks)
+  if model_config.resnet not in RESNET_BLOCKS:
+    raise ValueError(f'config.model.resnet={model_config.resnet!r}: expected one of '
+                     f'{sorted(RESNET_BLOCKS)} (or set config.model.blocks)')
+  return RESNET_BLOCKS[model_config.resnet]

@@ -1,0 +1,227 @@
+"""Layers for branch-stacked tensors `[M, N, H, W, C]`.
+
+- `SharedConv`: one kernel for all M branches, applied as one XLA op (M folded into the batch).
+- `PrivateBatchNorm` / `PrivateInstanceNorm`: a single-branch norm with PyTorch semantics,
+  `nn.vmap`-ed over the branch axis so that parameters and statistics are stacked `[M, C]`.
+- `max_pool`, `resize`: PyTorch-exact pooling and interpolation (explicit paddings,
+  align_corners, cv2-style bicubic), written as plain functions.
+"""
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def torch_conv_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default Conv2d init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')(key, shape, dtype)
+
+
+def torch_conv_bias_init(fan_in: int):
+  bound = 1.0 / np.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def fold(x: jax.Array) -> jax.Array:
+  """[M, N, ...] -> [M * N, ...]: lets one op serve every branch."""
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def unfold(y: jax.Array, num_branches: int) -> jax.Array:
+  return y.reshape((num_branches, y.shape[0] // num_branches) + y.shape[1:])
+
+
+class SharedConv(nn.Module):
+  """A 2-D convolution shared by all branches, with PyTorch's explicit symmetric padding.
+
+  Parameters are `kernel: [k, k, C_in, C_out]` (HWIO) and optionally `bias: [C_out]`.
+  A 1x1 convolution is computed as a matmul (XLA:CPU runs 1x1 convs far slower than the
+  identical dot; jax_notes.md §7); a stride on it becomes a strided slice first.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_features = x.shape[-1]
+    k = self.kernel_size
+    kernel = self.param('kernel', torch_conv_kernel_init, (k, k, in_features, self.features))
+    kernel = kernel.astype(self.dtype)
+    y = fold(x).astype(self.dtype)
+    if k == 1 and self.padding == 0:
+      if self.stride > 1:
+        y = y[:, ::self.stride, ::self.stride, :]
+      y = jnp.einsum('nhwc,cd->nhwd', y, kernel[0, 0])
+    else:
+      pad = ((self.padding, self.padding), (self.padding, self.padding))
+      y = jax.lax.conv_general_dilated(y, kernel, (self.stride, self.stride), pad,
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', torch_conv_bias_init(k * k * in_features), (self.features,))
+      y = y + bias.astype(self.dtype)
+    return unfold(y, x.shape[0])
+
+
+class BatchNorm(nn.Module):
+  """Single-branch BatchNorm with PyTorch semantics on [N, H, W, C].
+
+  Differs from `flax.linen.BatchNorm` where parity matters: `momentum` is PyTorch's (weight of
+  the new batch), the running variance is updated with the unbiased batch variance, and the
+  variance is computed in two passes. Statistics are synchronised across devices over
+  `axis_name` (SyncBN). Normalisation runs in float32; the output has `dtype`.
+  """
+  use_running_average: bool
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      count = np.prod([x.shape[a] for a in axes])
+      mean = jnp.mean(xf, axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+        count = count * jax.lax.psum(1, self.axis_name)
+      if not self.is_initializing():
+        unbiased = var * count / jnp.maximum(count - 1, 1)
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    inv = scale * jax.lax.rsqrt(var + self.epsilon)
+    return ((xf - mean) * inv + bias).astype(self.dtype)
+
+
+class InstanceNorm(nn.Module):
+  """Single-branch affine InstanceNorm on [N, H, W, C], PyTorch semantics.
+
+  With `track_running_stats`, training updates running statistics with the batch mean of the
+  per-instance means and unbiased variances (as torch.nn.InstanceNorm2d does), and
+  `use_running_average=True` normalises with them.
+  """
+  use_running_average: bool = False
+  track_running_stats: bool = True
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,))
+    bias = self.param('bias', nn.initializers.zeros, (features,))
+    xf = x.astype(jnp.float32)
+    spatial = tuple(range(1, x.ndim - 1))
+    if self.track_running_stats:
+      ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+      ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+    if self.track_running_stats and self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean = jnp.mean(xf, spatial, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), spatial, keepdims=True)
+      if self.track_running_stats and not self.is_initializing():
+        count = np.prod([x.shape[a] for a in spatial])
+        unbiased = var * count / max(count - 1, 1)
+        batch_mean = jnp.mean(mean.reshape(x.shape[0], features), 0)
+        batch_var = jnp.mean(unbiased.reshape(x.shape[0], features), 0)
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * batch_mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * batch_var
+    inv = scale * jax.lax.rsqrt(var + self.epsilon)
+    return ((xf - mean) * inv + bias).astype(self.dtype)
+
+
+def _private(module_cls):
+  """Stack a single-branch module's parameters and statistics along a leading branch axis."""
+  return nn.vmap(module_cls, in_axes=0, out_axes=0,
+                 variable_axes={'params': 0, 'batch_stats': 0},
+                 split_rngs={'params': True})
+
+
+# Private (per-branch) norms: parameters and statistics [M, C]; input/output [M, N, H, W, C].
+PrivateBatchNorm = _private(BatchNorm)
+PrivateInstanceNorm = _private(InstanceNorm)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+  """torch MaxPool2d(window, stride, padding) on [M, N, H, W, C] (pads with -inf)."""
+  pad = ((padding, padding), (padding, padding))
+  y = nn.max_pool(fold(x), (window, window), (stride, stride), pad)
+  return unfold(y, x.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def interpolation_matrix(size_in: int, size_out: int, method: str) -> np.ndarray:
+  """[size_out, size_in] matrix A with out = A @ in along one axis.
+
+  method:
+    'bilinear_align_corners': torch bilinear, align_corners=True.
+    'bilinear': torch bilinear, align_corners=False (half-pixel, negative source clamped to 0).
+    'bicubic': cv2.INTER_CUBIC (half-pixel, a = -0.75, replicated border).
+  """
+  out = np.arange(size_out, dtype=np.float64)
+  mat = np.zeros((size_out, size_in), np.float64)
+  rows = np.arange(size_out)
+  if method == 'bilinear_align_corners':
+    src = out * ((size_in - 1) / (size_out - 1)) if size_out > 1 else np.zeros_like(out)
+  elif method in ('bilinear', 'bicubic'):
+    src = (out + 0.5) * (size_in / size_out) - 0.5
+  else:
+    raise ValueError(f'unknown interpolation method {method!r}')
+  if method == 'bicubic':
+    base = np.floor(src)
+    t = src - base
+    a = -0.75
+    weights = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+               ((a + 2) * t - (a + 3)) * t * t + 1,
+               ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1]
+    weights.append(1.0 - weights[0] - weights[1] - weights[2])
+    for k, w in enumerate(weights):
+      idx = np.clip(base.astype(np.int64) - 1 + k, 0, size_in - 1)
+      np.add.at(mat, (rows, idx), w)
+    return mat.astype(np.float32)
+  src = np.maximum(src, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+  hi = np.minimum(lo + 1, size_in - 1)
+  frac = src - lo
+  np.add.at(mat, (rows, lo), 1.0 - frac)
+  np.add.at(mat, (rows, hi), frac)
+  return mat.astype(np.float32)
+
+
+def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
+  """Resize [..., H, W, C] to [..., size[0], size[1], C] with separable interpolation matrices.
+
+  Exact PyTorch/cv2 semantics (see `interpolation_matrix`), differentiable, and a matmul on
+  accelerators. Computed at HIGHEST precision so TF32 does not blur parity.
+  """
+  height, width = x.shape[-3], x.shape[-2]
+  if (height, width) == tuple(size):
+    return x
+  mat_h = jnp.asarray(interpolation_matrix(height, size[0], method), x.dtype)
+  mat_w = jnp.asarray(interpolation_matrix(width, size[1], method), x.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  y = jnp.einsum('oh,...hwc->...owc', mat_h, x, precision=hi)
+  return jnp.einsum('pw,...owc->...opc', mat_w, y, precision=hi)
