@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cen_jax import fusion
-from cen_jax import metrics as metrics_lib
 from cen_jax.layers import resize
 from cen_jax.models import build_model, exchange_scales, is_encoder, path_str
 
@@ -205,6 +204,7 @@ def eval_step(variables, batch, *, model, config):
   logits = predict_logits(variables, batch['x'], model=model, config=config,
                           label_size=mask.shape[-2:], method=method)
   preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  from cen_jax import metrics as metrics_lib
   num_classes = config.model.num_classes
   conf = jnp.stack([metrics_lib.confusion_matrix(mask, p, num_classes,
                                                  config.data.ignore_label) for p in preds])
@@ -333,6 +333,7 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
   """
   from cen_jax import input_pipeline, viz
   from cen_jax import logging as log_lib
+  from cen_jax import metrics as metrics_lib
   eval_fn = make_eval_fn(config, model)
   variables = jax.device_put(variables, eval_fn.replicated)
   names = output_names(config)

@@ -1,0 +1,106 @@
+"""Data-parallel train steps equal one single-device step on the global batch."""
+
+import jax
+import numpy as np
+import pytest
+
+from cen_jax import train
+from tests.tiny import tiny_config
+
+
+def random_batch(config, batch, size=(20, 24), seed=0):
+  rng = np.random.RandomState(seed)
+  out = {name: rng.randn(batch, *size, 3).astype(np.float32) for name in config.modalities}
+  mask = rng.randint(0, config.model.num_classes, (batch,) + size)
+  mask[rng.rand(*mask.shape) < 0.2] = config.data.ignore_label
+  # Uneven labelled-pixel counts across devices: the loss must still be the global mean.
+  mask[0] = config.data.ignore_label
+  out['mask'] = mask.astype(np.int32)
+  return out
+
+
+def run_steps(config, devices, batches):
+  model = train.build(config)
+  starts = train.stage_starts(config, steps_per_epoch=2)
+  runner = train.Runner(config, model, starts, devices=devices)
+  state = runner.place_state(train.create_state(config, model, jax.random.key(0)))
+  losses = []
+  for batch in batches:
+    state, scalars = runner.step(state, batch)
+    losses.append(float(scalars['loss/total']))
+  return jax.device_get(state), losses
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize('parallel', ['pmap', 'shard_map'])
+def test_data_parallel_step_equals_single_device(parallel):
+  assert jax.device_count() == 8
+  config = tiny_config()
+  batches = [random_batch(config, 8, seed=s) for s in range(2)]
+  config.train.parallel = 'pmap'
+  single, single_losses = run_steps(config, jax.devices()[:1], batches)
+  config.train.parallel = parallel
+  multi, multi_losses = run_steps(config, jax.devices(), batches)
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  assert int(multi.step) == int(single.step) == 2
+  assert_trees_close(multi.params, single.params)
+  assert_trees_close(multi.batch_stats, single.batch_stats)
+  assert_trees_close(multi.opt_state, single.opt_state)
+  # The step did train: parameters and BN statistics moved.
+  fresh = train.create_state(config, train.build(config), jax.random.key(0))
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       multi.batch_stats, fresh.batch_stats)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_frozen_bn_keeps_statistics():
+  config = tiny_config(frozen_bn=True)
+  state, _ = run_steps(config, jax.devices()[:2], [random_batch(config, 8)])
+  fresh = train.create_state(config, train.build(config), jax.random.key(0))
+  assert_trees_close(state.batch_stats, fresh.batch_stats, rtol=0, atol=0)
+
+
+def test_loss_matches_hand_computation():
+  """Total loss = sum over outputs of the mean CE over labelled pixels + (M+1) * lambda * L1."""
+  config = tiny_config()
+  batch = random_batch(config, 2)
+  model = train.build(config)
+  state = train.create_state(config, model, jax.random.key(0))
+  x = np.stack([batch[n] for n in config.modalities])
+  outputs = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                        train=False)
+  logits = np.asarray(train.stacked_logits(outputs))
+  up = np.asarray(train.resize(logits, batch['mask'].shape[-2:], 'bilinear'))
+  mask = batch['mask']
+  valid = mask != 255
+  logp = up - np.log(np.exp(up - up.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - up.max(-1, keepdims=True)
+  ce = [-(np.take_along_axis(logp[o], np.where(valid, mask, 0)[..., None], -1)[..., 0])[valid]
+        .mean() for o in range(3)]
+  # L1 over the partitioned bn2 scales: all ones at init, so it counts the penalised channels.
+  scales = train.exchange_scales(state.params)
+  l1 = sum(s.shape[1] // 2 + (s.shape[1] - s.shape[1] // 2) for s in scales)
+  expected = sum(ce) + 3 * config.train.l1_lambda * l1
+  config.train.lr_enc = (0.0, 0.0)
+  config.train.lr_dec = (0.0, 0.0)
+  config.model.frozen_bn = True  # eval-mode BN, so the forward above is the training forward
+  _, losses = run_steps(config, jax.devices()[:1], [batch])
+  np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+
+
+def test_stage_learning_rates_and_boundaries():
+  config = tiny_config()
+  starts = train.stage_starts(config, steps_per_epoch=3)
+  assert starts == [0, 3, 6]
+  got = [tuple(float(v) for v in train.stage_learning_rates(config, starts, s))
+         for s in range(6)]
+  np.testing.assert_allclose(got, [(0.05, 0.1)] * 3 + [(0.01, 0.02)] * 3, rtol=1e-7)
+  config.train.max_steps = 4
+  assert train.total_steps(config, 3) == 4
