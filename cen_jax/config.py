@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.name = 'nyudv2'  # TFDS builder under data/
   d.data_dir = './tfds_data'  # where prepared array_record files live
   d.manual_dir = ''  # user-downloaded files (NYUDv2/SUN RGB-D layout)
+  d.builder_config = ''  # TFDS BuilderConfig name ('' = default; synthetic_scenes: small, tiny)
   d.train_split = 'train'
   d.eval_split = 'test'
   d.crop_size = 500

@@ -8,4 +8,5 @@ def get_config():
   config.model.resnet = 101
   config.model.num_classes = 37
   config.data.name = 'sunrgbd'
+  config.data.depth_scale = -2  # official SUN option: per-image min-max stretch of depth to [0, 255]
   return config

@@ -1,0 +1,625 @@
+"""Data: TFDS builders (data/<name>/) read through grain, official CEN augmentation in numpy/cv2.
+
+No TensorFlow: datasets are prepared as array_record files by the TFDS builders under data/ and
+read with `tfds.builder_from_directory(...).as_data_source(split)`.
+
+Public API
+  prepare(config, *, force=False) -> str      build the dataset once (atomically); its directory
+  prepared_dir(config) -> str                 where the prepared dataset lives / will live
+  num_examples(config, split) -> int          examples in a split (prepares if needed)
+  num_classes(config) -> int                  the dataset's class count (builder NUM_CLASSES)
+  train_iterator(config, *, seed, process_index=0, process_count=1) -> TrainIterator
+                                              endless, checkpointable, host-local train batches
+    TrainIterator: __next__, get_state() -> JSON dict, set_state(state), close(),
+                   steps_per_epoch
+  eval_iterator(config, split, *, batch_size, process_index=0, process_count=1)
+                                              full-image batches grouped by shape, padded
+  eval_batches(shapes, batch_size, process_index=0, process_count=1) -> [[index]]
+                                              the eval batching/sharding plan
+  builder_module(name)                        data/<name>/<name>_dataset_builder (NUM_CLASSES,
+                                              ALIGN_TO_MASK, Builder)
+  read_inputs(raw, modalities) -> dict        a stored example as official read_image gives it
+  augment(example, *, align, crop_size, shorter_side, low_scale, high_scale, ignore_label, rng)
+                                              the official train geometry (un-normalised)
+  align_to_mask(example, align)               the official eval geometry (un-normalised)
+  normalise(config, example) -> dict          float32 inputs (+ int32 mask)
+  denormalize_rgb(config, x) -> uint8         inverse of the RGB normalisation, for previews
+  to_display_image(config, modality, x)       uint8 HxWx3 preview of a normalised input
+
+Official preprocessing (yikaiw/CEN semantic_segmentation main.py `create_loaders`, utils/
+transforms.py, utils/datasets.py), reproduced exactly where it is deterministic:
+  read        grayscale inputs (depth) are tiled to 3 channels (`read_image`)
+  align       CropAlignToMask for nyudv2 (centre crop; an odd excess row/column is cut at the
+              bottom/right), ResizeAlignToMask for other datasets (rgb cubic, depth nearest).
+              The official resize version asserts square images and scales by mask_h/input_h;
+              here inputs are resized to exactly (mask_h, mask_w) (identical for square images).
+  scale       s ~ U(low_scale, high_scale); if min(H, W) * s < shorter_side, s = shorter_side /
+              min(H, W); cv2.resize(fx=fy=s): rgb INTER_CUBIC, depth and mask INTER_NEAREST
+  pad         to crop_size: ceil((crop-H)/2) on both sides (so the result may be crop+1), inputs
+              per channel with [123.675, 116.28, 103.53] IN THE INPUT'S DTYPE (np.pad truncates:
+              uint8 rgb and uint16 depth both get 123/116/103, depth included), mask with 255
+  mirror      horizontal flip with probability 1/2
+  crop        random crop_size x crop_size (crop_size rounded down to even, as RandomCrop does)
+  normalise   rgb (x/255 - mean)/std; depth x * depth_scale (depth_scale = -2: per-image
+              min-max to [0, 255], the official SUN RGB-D hook; -1: log(1 + x)); float64 maths,
+              float32 output, like the official numpy -> torch.float
+Eval: align + normalise only (full images, no resize).
+
+Randomness: the per-epoch permutation is a pure function of (seed, epoch) and each example's
+augmentation draws (scale, mirror, top, left, in that order) come from a generator seeded with
+(seed, epoch, example index), so batches do not depend on worker count and a resumed iterator is
+exact. Multi-process: every epoch the whole split is permuted with the same seed on every
+process; global batch b is perm[b*B:(b+1)*B] and process p takes its contiguous slice of
+B/process_count examples (reading only those). The concatenation over processes equals the
+single-process batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+from typing import Iterator
+
+import numpy as np
+
+PAD_VALUES = (123.675, 116.28, 103.53)  # official Pad value for every input (ImageNet mean * 255)
+DATASETS = ('nyudv2', 'sunrgbd', 'synthetic_scenes')
+SHAPES_FILE = 'cen_eval_shapes.json'  # per-split mask shapes, written by prepare()
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def builder_module(name: str):
+  """The module data/<name>/<name>_dataset_builder.py (imported under one stable name)."""
+  if name not in DATASETS:
+    raise ValueError(f'config.data.name={name!r}: expected one of {", ".join(DATASETS)}')
+  if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+  return importlib.import_module(f'data.{name}.{name}_dataset_builder')
+
+
+def _file_error_type():
+  if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+  from data import rgbd_files
+  return rgbd_files.DatasetFileError
+
+
+def _builder(config, data_dir: str):
+  module = builder_module(config.data.name)
+  builder_config = config.data.get('builder_config', '') or None
+  return module.Builder(data_dir=data_dir, config=builder_config, file_format='array_record')
+
+
+def prepared_dir(config) -> str:
+  """<data_dir>/<name>/[<builder config>/]<version> (the TFDS layout)."""
+  return os.fspath(_builder(config, os.path.abspath(config.data.data_dir)).data_dir)
+
+
+def _is_prepared(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, 'dataset_info.json'))
+
+
+def num_classes(config) -> int:
+  return int(builder_module(config.data.name).NUM_CLASSES)
+
+
+def prepare(config, *, force: bool = False) -> str:
+  """Build config.data.name into config.data.data_dir once; returns the prepared directory.
+
+  Idempotent: an existing prepared dataset is reused (force=True rebuilds it). The dataset is
+  built in a temporary directory next to the target and moved into place with a rename, so an
+  interrupted or failed prepare never touches a previously prepared copy. A missing or corrupt
+  input file raises one `DatasetFileError` whose message starts with that file's path.
+  """
+  target = prepared_dir(config)
+  if _is_prepared(target) and not force:
+    return target
+  import tensorflow_datasets as tfds
+  data_dir = os.path.abspath(config.data.data_dir)
+  os.makedirs(data_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.prepare-{config.data.name}-', dir=data_dir)
+  error_type = _file_error_type()
+  try:
+    builder = _builder(config, tmp)
+    manual_dir = config.data.get('manual_dir', '') or None
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      if manual_dir is None:
+        raise error_type(f'config.data.manual_dir is empty: {config.data.name!r} needs a manual '
+                         f'dir.\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+      manual_dir = os.path.abspath(manual_dir)
+      if not os.path.isdir(manual_dir):
+        raise error_type(f'{manual_dir}: manual dir (config.data.manual_dir) not found.\n'
+                         f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:  # surface our one-line file error instead of TFDS's wrapping
+      cause = e
+      while cause is not None and not isinstance(cause, error_type):
+        cause = cause.__cause__ or cause.__context__
+      if cause is not None:
+        raise error_type(str(cause)) from None
+      raise
+    built = os.fspath(builder.data_dir)
+    _write_shapes(built)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if _is_prepared(target):  # force=True: swap, then delete the old copy
+      trash = f'{target}.old-{uuid.uuid4().hex[:8]}'
+      os.rename(target, trash)
+      os.rename(built, target)
+      shutil.rmtree(trash, ignore_errors=True)
+    else:
+      if os.path.isdir(target) and not _is_prepared(target):
+        try:  # an empty leftover; prepare never leaves a partial dataset here itself
+          os.rmdir(target)
+        except OSError:
+          if not _is_prepared(target):  # (else a concurrent prepare just finished)
+            raise error_type(f'{target}: exists but holds no prepared dataset (no '
+                             f'dataset_info.json); remove it and prepare again') from None
+      if not _is_prepared(target):
+        try:
+          os.rename(built, target)
+        except OSError:
+          if not _is_prepared(target):  # not a concurrent prepare that won the race
+            raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
+def _read_only_builder(directory: str):
+  import tensorflow_datasets as tfds
+  return tfds.builder_from_directory(directory)
+
+
+def _write_shapes(directory: str) -> None:
+  """Store every example's mask shape so eval batching needs no full decode."""
+  shapes = {}
+  builder = _read_only_builder(directory)
+  for split in builder.info.splits:
+    src = _Source(directory, split, skip_rgb=True)
+    shapes[split] = [list(src[i]['mask'].shape) for i in range(len(src))]
+  with open(os.path.join(directory, SHAPES_FILE), 'w') as f:
+    json.dump(shapes, f)
+
+
+_SHAPES_CACHE: dict = {}
+
+
+def _mask_shapes(directory: str, split: str) -> list:
+  key = (directory, split)
+  if key not in _SHAPES_CACHE:
+    path = os.path.join(directory, SHAPES_FILE)
+    shapes = None
+    if os.path.isfile(path):
+      with open(path) as f:
+        shapes = json.load(f).get(split)
+    if shapes is None:  # prepared by other means (e.g. `tfds build`)
+      src = _Source(directory, split, skip_rgb=True)
+      shapes = [list(src[i]['mask'].shape) for i in range(len(src))]
+    _SHAPES_CACHE[key] = [tuple(s) for s in shapes]
+  return _SHAPES_CACHE[key]
+
+
+def num_examples(config, split: str) -> int:
+  directory = prepare(config)
+  splits = _read_only_builder(directory).info.splits
+  if split not in splits:
+    raise ValueError(f'{config.data.name!r} has no split {split!r} (has {", ".join(splits)})')
+  return int(splits[split].num_examples)
+
+
+class _Source:
+  """Picklable random-access source over a prepared split (opened lazily in each process)."""
+
+  def __init__(self, directory: str, split: str, skip_rgb: bool = False):
+    self.directory, self.split, self.skip_rgb = directory, split, skip_rgb
+    self._src = None
+    self._lock = threading.Lock()
+
+  def _open(self):
+    if self._src is None:
+      with self._lock:
+        if self._src is None:
+          import tensorflow_datasets as tfds
+          decoders = {'rgb': tfds.decode.SkipDecoding()} if self.skip_rgb else None
+          self._src = _read_only_builder(self.directory).as_data_source(
+              split=self.split, decoders=decoders)
+    return self._src
+
+  def __len__(self) -> int:
+    return len(self._open())
+
+  def __getitem__(self, index: int) -> dict:
+    return self._open()[int(index)]
+
+  def __getstate__(self):
+    return {'directory': self.directory, 'split': self.split, 'skip_rgb': self.skip_rgb}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Official transforms (numpy + cv2).
+
+
+def _cv2():
+  import cv2
+  cv2.setNumThreads(1)  # workers parallelise across examples
+  return cv2
+
+
+def _interp(cv2, key: str):
+  return cv2.INTER_NEAREST if key in ('depth', 'mask') else cv2.INTER_CUBIC
+
+
+def read_inputs(raw: dict, modalities) -> dict:
+  """{modality: HxWx3 array (uint8 rgb, uint16 depth tiled to 3 channels), 'mask': uint8 HxW}."""
+  out = {'mask': np.asarray(raw['mask'])}
+  for key in modalities:
+    if key not in raw:
+      raise ValueError(f'modality {key!r} is not a feature of the dataset (has '
+                       f'{", ".join(sorted(raw))})')
+    arr = np.asarray(raw[key])
+    if arr.ndim == 2:  # official read_image: grayscale tiled to 3 channels
+      arr = np.repeat(arr[:, :, None], 3, axis=2)
+    out[key] = arr
+  return out
+
+
+def _inputs(example: dict):
+  return [k for k in example if k != 'mask']
+
+
+def align_to_mask(example: dict, align: str) -> dict:
+  """CropAlignToMask ('crop') or ResizeAlignToMask ('resize') of every input to the mask size."""
+  mh, mw = example['mask'].shape[:2]
+  out = {'mask': example['mask']}
+  for key in _inputs(example):
+    x = example[key]
+    h, w = x.shape[:2]
+    if (h, w) != (mh, mw):
+      if align == 'crop':
+        if h < mh or w < mw:
+          raise ValueError(f'{key} is {h}x{w}, smaller than its mask {mh}x{mw}')
+        top, left = (h - mh) // 2, (w - mw) // 2
+        x = x[top: h - top - (h - mh) % 2, left: w - left - (w - mw) % 2]
+      elif align == 'resize':
+        cv2 = _cv2()
+        x = cv2.resize(x, (mw, mh), interpolation=_interp(cv2, key))
+      else:
+        raise ValueError(f'align={align!r}: expected "crop" or "resize"')
+    out[key] = x
+  return out
+
+
+def augment(example: dict, *, align: str, crop_size: int, shorter_side: int, low_scale: float,
+            high_scale: float, ignore_label: int, rng: np.random.Generator) -> dict:
+  """Official training geometry on `read_inputs` output; values stay un-normalised."""
+  cv2 = _cv2()
+  example = align_to_mask(example, align)
+  keys = _inputs(example)
+  # ResizeAndScale (shorter side).
+  h, w = example['mask'].shape[:2]
+  scale = rng.uniform(low_scale, high_scale)
+  if min(h, w) * scale < shorter_side:
+    scale = shorter_side * 1.0 / min(h, w)
+  out = {k: cv2.resize(example[k], None, fx=scale, fy=scale, interpolation=_interp(cv2, k))
+         for k in keys}
+  out['mask'] = cv2.resize(example['mask'], None, fx=scale, fy=scale,
+                           interpolation=cv2.INTER_NEAREST)
+  # Pad (inputs per channel, in their own dtype; mask with the ignore label).
+  h, w = out['mask'].shape[:2]
+  h_pad = int(np.clip((crop_size - h + 1) // 2, 0, 1e6))
+  w_pad = int(np.clip((crop_size - w + 1) // 2, 0, 1e6))
+  if h_pad or w_pad:
+    pad = ((h_pad, h_pad), (w_pad, w_pad))
+    for k in keys:
+      x = out[k]
+      out[k] = np.stack([np.pad(x[:, :, c], pad, mode='constant', constant_values=PAD_VALUES[c])
+                         for c in range(3)], axis=2)
+    out['mask'] = np.pad(out['mask'], pad, mode='constant', constant_values=ignore_label)
+  # RandomMirror.
+  if rng.integers(2):
+    out = {k: v[:, ::-1] for k, v in out.items()}
+  # RandomCrop.
+  size = crop_size - crop_size % 2
+  h, w = out['mask'].shape[:2]
+  new_h, new_w = min(h, size), min(w, size)
+  top = int(rng.integers(0, h - new_h + 1))
+  left = int(rng.integers(0, w - new_w + 1))
+  return {k: np.ascontiguousarray(v[top: top + new_h, left: left + new_w])
+          for k, v in out.items()}
+
+
+def normalise(config, example: dict) -> dict:
+  """float32 inputs (official Normalise) and an int32 mask."""
+  d = config.data
+  out = {'mask': np.asarray(example['mask'], np.int32)}
+  mean = np.asarray(d.rgb_mean, np.float64)
+  std = np.asarray(d.rgb_std, np.float64)
+  for key in _inputs(example):
+    x = example[key]
+    if key == 'depth':
+      scale = float(d.depth_scale)
+      if scale > 0:
+        x = scale * x.astype(np.float64)
+      elif scale == -1:  # taskonomy hook
+        x = np.log(1 + x.astype(np.float64))
+      elif scale == -2:  # SUN RGB-D hook: per-image min-max to [0, 255]
+        x = x.astype(np.float64)
+        lo, hi = x.min(), x.max()
+        x = (x - lo) * 255.0 / (hi - lo) if hi > lo else np.zeros_like(x)
+      else:
+        raise ValueError(f'config.data.depth_scale={scale}: expected > 0, -1 or -2')
+    else:
+      x = (1.0 / 255 * x.astype(np.float64) - mean) / std
+    out[key] = x.astype(np.float32)
+  return out
+
+
+def denormalize_rgb(config, x) -> np.ndarray:
+  """uint8 HxWx3 image from a normalised RGB array (inverse of `normalise`)."""
+  x = np.asarray(x, np.float64) * np.asarray(config.data.rgb_std) + np.asarray(config.data.rgb_mean)
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_display_image(config, modality: str, x) -> np.ndarray:
+  """uint8 HxWx3 preview of one normalised input (rgb de-normalised; others min-max grey)."""
+  if modality == 'rgb':
+    return denormalize_rgb(config, x)
+  x = np.asarray(x, np.float64)
+  x = x[..., 0] if x.ndim == 3 else x
+  lo, hi = float(x.min()), float(x.max())
+  grey = np.zeros(x.shape, np.uint8) if hi <= lo else \
+      np.round((x - lo) * 255.0 / (hi - lo)).astype(np.uint8)
+  return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training iterator.
+
+
+def _align_mode(config) -> str:
+  return builder_module(config.data.name).ALIGN_TO_MASK
+
+
+def _uint(x) -> int:
+  return int(x) % (1 << 63)
+
+
+class _TrainElement:
+  """Local stream position i -> augmented, normalised example (picklable, runs in workers)."""
+
+  def __init__(self, config, source: _Source, *, seed: int, process_index: int,
+               process_count: int, num_records: int):
+    d = config.data
+    self.modalities = tuple(config.modalities)
+    self.source = source
+    self.seed = _uint(seed)
+    self.global_batch = int(config.train.batch_size)
+    self.local_batch = self.global_batch // process_count
+    self.process_index = process_index
+    self.num_records = num_records
+    self.steps_per_epoch = num_records // self.global_batch
+    self.aug = dict(align=_align_mode(config), crop_size=int(d.crop_size),
+                    shorter_side=int(d.shorter_side), low_scale=float(d.low_scale),
+                    high_scale=float(d.high_scale), ignore_label=int(d.ignore_label))
+    self.norm_config = _NormConfig(config)
+    self._perms: dict = {}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    perm = self._perms.get(epoch)
+    if perm is None:
+      perm = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_records)
+      self._perms = {epoch: perm}  # epochs are consumed in order
+    return perm
+
+  def record(self, i: int) -> tuple[int, int]:
+    """(epoch, example index) of local stream position i."""
+    per_epoch = self.steps_per_epoch * self.local_batch
+    epoch, pos = divmod(int(i), per_epoch)
+    step, j = divmod(pos, self.local_batch)
+    perm = self.permutation(epoch)
+    return epoch, int(perm[step * self.global_batch + self.process_index * self.local_batch + j])
+
+  def __call__(self, i, _=None) -> dict:
+    epoch, index = self.record(i)
+    rng = np.random.default_rng([self.seed, 1, epoch, index])
+    example = read_inputs(self.source[index], self.modalities)
+    return normalise(self.norm_config, augment(example, rng=rng, **self.aug))
+
+
+class _NormConfig:
+  """The few config values `normalise` reads (config objects need not be pickled)."""
+
+  def __init__(self, config):
+    from types import SimpleNamespace
+    d = config.data
+    self.data = SimpleNamespace(rgb_mean=tuple(d.rgb_mean), rgb_std=tuple(d.rgb_std),
+                                depth_scale=float(d.depth_scale))
+
+  def __getstate__(self):
+    return vars(self.data)
+
+  def __setstate__(self, state):
+    from types import SimpleNamespace
+    self.data = SimpleNamespace(**state)
+
+
+def _ensure_absl_flags_parsed():
+  """grain's worker processes read absl flags; outside absl.app they are not parsed yet."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class TrainIterator:
+  """Endless iterator of host-local training batches with a JSON-serialisable state.
+
+  `get_state()` -> {'next_batch': k, ...}: the number of batches yielded so far plus the settings
+  that define the stream. `set_state(state)` makes the next batch batch k. The stream does not
+  depend on num_workers or process_count (only the global batch size, seed and dataset do), so a
+  run may resume with other worker or process counts.
+  """
+
+  def __init__(self, dataset, element: _TrainElement, *, num_workers: int, num_threads: int,
+               fingerprint: dict):
+    self._dataset = dataset  # grain MapDataset of batches (infinite)
+    self.element = element
+    self.steps_per_epoch = element.steps_per_epoch
+    self._num_workers = num_workers
+    self._num_threads = num_threads
+    self._fingerprint = fingerprint
+    self._next = 0
+    self._it = None
+
+  def _start(self):
+    import grain
+    ds = self._dataset[self._next:] if self._next else self._dataset
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._num_threads,
+                                              prefetch_buffer_size=2))
+    if self._num_workers > 0:
+      _ensure_absl_flags_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers,
+                                                       per_worker_buffer_size=2))
+    self._it = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      self._start()
+    batch = next(self._it)
+    self._next += 1
+    if self._num_workers > 0:  # own the memory (grain hands out shared-memory arrays)
+      batch = {k: np.array(v) for k, v in batch.items()}
+    return batch
+
+  def get_state(self) -> dict:
+    return dict(self._fingerprint, next_batch=self._next)
+
+  def set_state(self, state) -> None:
+    if isinstance(state, (bytes, str)):
+      state = json.loads(state)
+    for key, value in self._fingerprint.items():
+      if key in state and state[key] != value:
+        raise ValueError(f'data iterator state was saved with {key}={state[key]!r}, but this '
+                         f'run has {key}={value!r}; the batch stream would differ')
+    self.close()
+    self._next = int(state['next_batch'])
+
+  def close(self) -> None:
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, 'close'):
+      it.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # interpreter shutdown
+      pass
+
+
+def train_iterator(config, *, seed: int, process_index: int = 0,
+                   process_count: int = 1) -> TrainIterator:
+  """Endless deterministic iterator of host-local batches {modality: float32 [B,S,S,3], 'mask':
+  int32 [B,S,S]}, B = config.train.batch_size // process_count, S = crop_size (rounded down to
+  even). Each epoch is a fresh permutation of the split, remainder dropped."""
+  import grain
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  global_batch = int(config.train.batch_size)
+  if global_batch % process_count:
+    raise ValueError(f'config.train.batch_size={global_batch} is not divisible by '
+                     f'{process_count} processes')
+  directory = prepare(config)
+  split = config.data.train_split
+  source = _Source(directory, split)
+  n = num_examples(config, split)
+  if n < global_batch:
+    raise ValueError(f'config.train.batch_size={global_batch} exceeds the {n} examples of '
+                     f'{config.data.name!r} {split!r}')
+  element = _TrainElement(config, source, seed=seed, process_index=process_index,
+                          process_count=process_count, num_records=n)
+  per_epoch = element.steps_per_epoch * element.local_batch
+  ds = grain.MapDataset.range(per_epoch).repeat().map_with_index(element)
+  ds = ds.batch(element.local_batch, drop_remainder=True)
+  num_workers = int(config.data.get('num_workers', 0))
+  fingerprint = {'dataset': config.data.name, 'split': split, 'num_examples': n,
+                 'seed': int(seed), 'global_batch': global_batch,
+                 'crop_size': int(config.data.crop_size)}
+  return TrainIterator(ds, element, num_workers=num_workers, num_threads=1,
+                       fingerprint=fingerprint)
+
+
+# ------------------------------------------------------------------------------------------------
+# Eval iterator.
+
+
+def eval_batches(shapes, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> list[list[int]]:
+  """This process's batches of example indices: equal shapes grouped (first-seen order, index
+  order inside), cut into batch_size chunks, chunks dealt round-robin to processes."""
+  groups: dict = {}
+  for i, shape in enumerate(shapes):
+    groups.setdefault(tuple(shape), []).append(i)
+  chunks = [idx[s: s + batch_size] for idx in groups.values()
+            for s in range(0, len(idx), batch_size)]
+  return chunks[process_index::process_count]
+
+
+class _EvalBatch:
+  def __init__(self, config, source: _Source, batch_size: int):
+    self.modalities = tuple(config.modalities)
+    self.source = source
+    self.batch_size = batch_size
+    self.align = _align_mode(config)
+    self.ignore_label = int(config.data.ignore_label)
+    self.norm_config = _NormConfig(config)
+
+  def __call__(self, indices) -> dict:
+    examples = [normalise(self.norm_config, align_to_mask(
+        read_inputs(self.source[i], self.modalities), self.align)) for i in indices]
+    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    pad = self.batch_size - len(examples)
+    if pad:
+      for k, v in batch.items():
+        fill = self.ignore_label if k == 'mask' else 0
+        batch[k] = np.concatenate([v, np.full((pad,) + v.shape[1:], fill, v.dtype)])
+    batch['valid'] = np.arange(self.batch_size) < len(examples)
+    batch['index'] = np.concatenate([np.asarray(indices, np.int32),
+                                     np.full((pad,), -1, np.int32)])
+    return batch
+
+
+def eval_iterator(config, split: str, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Full aligned, normalised images in batches of `batch_size` equal-shaped examples.
+
+  Keys: each modality float32 [B,H,W,3], 'mask' int32 [B,H,W], 'valid' bool [B] (False for the
+  padding examples, whose mask is all ignore_label and inputs 0), 'index' int32 [B] (example
+  index in the split, -1 for padding). Processes get disjoint batches covering the split once.
+  """
+  import grain
+  directory = prepare(config)
+  shapes = _mask_shapes(directory, split)
+  chunks = eval_batches(shapes, batch_size, process_index, process_count)
+  if not chunks:
+    return iter(())
+  loader = _EvalBatch(config, _Source(directory, split), batch_size)
+  ds = grain.MapDataset.source(chunks).map(loader).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  return iter(ds)

@@ -1,0 +1,196 @@
+"""Reading the official CEN RGB-D layout (shared by the nyudv2 and sunrgbd builders).
+
+Layout of a manual dir (the one yikaiw/CEN's `SegDataset` reads): PNG (or any PIL-readable)
+files in folders such as `rgb/`, `depth/`, `masks/`, and list files with one example per line,
+three tab-separated paths relative to the manual dir, in the order rgb, mask, depth:
+
+    rgb/000003.png<TAB>masks/000003.png<TAB>depth/000003.png
+
+Decoding follows the official `read_image` (PIL; a grayscale RGB image is tiled to 3 channels)
+and mask reading (PIL, must be a 2-D index image; palette PNGs give their indices). Depth must
+be single-channel (8- or 16-bit); it is stored as uint16 raw values. Every problem with a file
+raises `DatasetFileError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+TEST_LIST_NAMES = ('test.txt', 'val.txt')  # the official NYUDv2 list is called val.txt
+
+
+class DatasetFileError(ValueError):
+  """A file named in a list (or the list itself) is missing, unreadable or malformed."""
+
+
+def features(tfds):
+  """The FeaturesDict shared by every CEN RGB-D builder."""
+  return tfds.features.FeaturesDict({
+      'rgb': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+      'depth': tfds.features.Tensor(shape=(None, None), dtype=np.uint16, encoding='zlib'),
+      'mask': tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding='zlib'),
+      'name': tfds.features.Text(),
+  })
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+  """Lossless PNG encoding done here with PIL (TFDS would need TensorFlow to encode arrays)."""
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(rgb).save(buf, format='PNG', compress_level=3)
+  return buf.getvalue()
+
+
+def find_list(manual_dir: str, split: str) -> str:
+  """Path of the list file of `split` ('train' -> train.txt; 'test' -> test.txt, else val.txt)."""
+  names = ('train.txt',) if split == 'train' else TEST_LIST_NAMES
+  for name in names:
+    path = os.path.join(manual_dir, name)
+    if os.path.isfile(path):
+      return path
+  raise DatasetFileError(f'{os.path.join(manual_dir, names[0])}: list file for split '
+                         f'{split!r} not found (expected one of {", ".join(names)} in '
+                         f'{manual_dir})')
+
+
+def read_list(path: str) -> list[tuple[str, str, str]]:
+  """[(rgb, mask, depth)] relative paths of a list file; blank lines are skipped."""
+  try:
+    with open(path, 'rb') as f:
+      lines = f.read().decode('utf-8').splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise DatasetFileError(f'{path}: cannot read list file ({e})') from None
+  entries = []
+  for number, line in enumerate(lines, 1):
+    line = line.strip('\r\n')
+    if not line.strip():
+      continue
+    fields = line.split('\t')
+    if len(fields) != 3 or not all(fields):
+      raise DatasetFileError(
+          f'{path}:{number}: expected 3 tab-separated paths (rgb, mask, depth), got {line!r}')
+    entries.append(tuple(fields))
+  if not entries:
+    raise DatasetFileError(f'{path}: list file has no examples')
+  return entries
+
+
+def _open(path: str, info: dict | None = None) -> np.ndarray:
+  from PIL import Image
+  if not os.path.isfile(path):
+    raise DatasetFileError(f'{path}: file not found')
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if info is not None:
+        info.update(format=img.format, mode=img.mode)
+      return np.array(img)
+  except Exception as e:  # PIL raises many types for truncated/corrupt files
+    raise DatasetFileError(f'{path}: cannot decode image ({type(e).__name__}: {e})') from None
+
+
+def read_rgb(path: str, info: dict | None = None) -> np.ndarray:
+  arr = _open(path, info)
+  if arr.ndim == 2:  # grayscale, tiled like the official read_image
+    arr = np.repeat(arr[:, :, None], 3, axis=2)
+  if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+    raise DatasetFileError(f'{path}: expected an 8-bit RGB image, got shape {arr.shape} '
+                           f'dtype {arr.dtype}')
+  return arr
+
+
+def read_depth(path: str) -> np.ndarray:
+  arr = _open(path)
+  if arr.ndim != 2:
+    raise DatasetFileError(f'{path}: expected a single-channel (8/16-bit) depth image, got '
+                           f'shape {arr.shape}')
+  if arr.dtype != np.uint16:
+    if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 65535:
+      raise DatasetFileError(f'{path}: depth values of dtype {arr.dtype} do not fit uint16')
+    arr = arr.astype(np.uint16)
+  return arr
+
+
+def read_mask(path: str) -> np.ndarray:
+  arr = _open(path)
+  if arr.ndim != 2:
+    raise DatasetFileError(f'{path}: masks must be 2-D index images without colour map, got '
+                           f'shape {arr.shape}')
+  if arr.dtype != np.uint8:
+    if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255:
+      raise DatasetFileError(f'{path}: mask values of dtype {arr.dtype} do not fit uint8')
+    arr = arr.astype(np.uint8)
+  return arr
+
+
+def sun_mask_fallback(path: str) -> Optional[str]:
+  """The official SUN RGB-D fallback: if a mask is missing, its 6-digit number + 5050."""
+  m = re.match(r'^(.*?)(\d{6})(\.[^./\\]+)$', path)
+  if m is None:
+    return None
+  return f'{m.group(1)}{int(m.group(2)) + 5050:06d}{m.group(3)}'
+
+
+def generate_examples(manual_dir: str, list_path: str, *,
+                      check: Optional[Callable[[dict, tuple], None]] = None,
+                      mask_fallback: bool = False) -> Iterator[tuple[int, dict]]:
+  """(key, example) for each list entry, in list order (key = line position)."""
+  entries = read_list(list_path)
+  # Fail fast, before any decoding, on the first missing file.
+  for rel in entries:
+    for i, r in enumerate(rel):
+      path = os.path.join(manual_dir, r)
+      if os.path.isfile(path):
+        continue
+      if i == 1 and mask_fallback:
+        alt = sun_mask_fallback(path)
+        if alt is not None and os.path.isfile(alt):
+          continue
+        raise DatasetFileError(f'{path}: file not found (listed in {list_path}; the SUN '
+                               f'fallback {alt} does not exist either)')
+      raise DatasetFileError(f'{path}: file not found (listed in {list_path})')
+  for key, (rgb_rel, mask_rel, depth_rel) in enumerate(entries):
+    mask_path = os.path.join(manual_dir, mask_rel)
+    if mask_fallback and not os.path.isfile(mask_path):
+      mask_path = sun_mask_fallback(mask_path)
+    rgb_info = {}
+    example = {
+        'rgb': read_rgb(os.path.join(manual_dir, rgb_rel), rgb_info),
+        'depth': read_depth(os.path.join(manual_dir, depth_rel)),
+        'mask': read_mask(mask_path),
+        'name': rgb_rel,
+    }
+    if check is not None:
+      check(example, (os.path.join(manual_dir, rgb_rel), mask_path,
+                      os.path.join(manual_dir, depth_rel)))
+    raw = None
+    if rgb_info.get('format') == 'PNG' and rgb_info.get('mode') == 'RGB':
+      with open(os.path.join(manual_dir, rgb_rel), 'rb') as f:
+        raw = f.read()
+      if not (raw[:8] == b'\x89PNG\r\n\x1a\n' and raw[24] == 8 and raw[25] == 2):
+        raw = None  # not an 8-bit truecolour PNG
+    # An 8-bit RGB PNG is stored as is (lossless). Anything else (JPEG: keep PIL's decoding, as
+    # the official reader; grayscale; palette) is re-encoded from the decoded array.
+    example['rgb'] = raw if raw is not None else png_bytes(example['rgb'])
+    yield key, example
+
+
+def check_not_smaller_than_mask(example: dict, paths: tuple) -> None:
+  """CropAlignToMask needs inputs at least as large as the mask."""
+  mh, mw = example['mask'].shape
+  for key, path in (('rgb', paths[0]), ('depth', paths[2])):
+    h, w = example[key].shape[:2]
+    if h < mh or w < mw:
+      raise DatasetFileError(f'{path}: {key} is {h}x{w}, smaller than its mask {paths[1]} '
+                             f'({mh}x{mw}); crop-to-mask alignment needs inputs >= mask')
+
+
+def check_manual_dir(manual_dir: str, instructions: str) -> None:
+  if not manual_dir or not os.path.isdir(manual_dir):
+    first = instructions.strip().splitlines()[0] if instructions.strip() else ''
+    raise DatasetFileError(f'{manual_dir or "<empty manual_dir>"}: manual dir not found. {first}')
