@@ -31,6 +31,7 @@ flags.DEFINE_string('torch_checkpoint', '', 'import: official CEN/AsymFusion che
 
 
 def fail(message: str) -> None:
+  message = ' '.join(line.strip() for line in str(message).splitlines() if line.strip())
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
@@ -39,8 +40,13 @@ def parse_flags(argv):
   """absl flag parsing that reports a bad flag or config override in one line."""
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e).splitlines()[0])
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown override key as AttributeError/KeyError.
+    message = str(e).replace('\\n', ' ').replace("\\'", "'")
+    if len(message) > 1 and message[0] == message[-1] and message[0] in '"\'':
+      message = message[1:-1]
+    fail(f'bad command line: {message}' if isinstance(e, flags.Error) else
+         f'unknown config key {message}')
 
 
 def summary(config) -> None:
@@ -122,7 +128,7 @@ def main(argv):
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:
-    fail(f'{type(e).__name__}: {e}' if not str(e) else str(e).splitlines()[0])
+    fail(str(e) or type(e).__name__)
 
 
 if __name__ == '__main__':

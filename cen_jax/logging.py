@@ -10,10 +10,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from cen_jax.io_utils import atomic_write
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict:
@@ -43,24 +44,10 @@ def _json_default(obj):
 
 
 def write_json_atomic(path: str, obj, *, indent: int = 2) -> None:
-  """Writes JSON to a temp file in the same directory, then os.replace: readers never
-  see a half-written file, and a crash leaves the old one in place."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=indent, sort_keys=True, default=_json_default)
-      f.write('\n')
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes JSON atomically (temp file + os.replace; see io_utils.atomic_write)."""
+  with atomic_write(path, 'w') as f:
+    json.dump(obj, f, indent=indent, sort_keys=True, default=_json_default)
+    f.write('\n')
 
 
 class MetricWriter:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cen_jax import fusion
+from cen_jax import metrics as metrics_lib
 from cen_jax.layers import resize
 from cen_jax.models import build_model, exchange_scales, is_encoder, path_str
 
@@ -91,8 +92,11 @@ def stack_inputs(config, batch) -> jax.Array:
 
 
 def init_variables(config, model, rng, image_size=(64, 64)):
+  """Initial {'params', 'batch_stats'}. Non-partitionable threefry: with JAX's partitionable
+  default, XLA:CPU needs minutes to compile the hundreds of initialisers (seconds without)."""
   x = jnp.zeros((len(config.modalities), 1) + tuple(image_size) + (3,), jnp.float32)
-  return model.init({'params': rng}, x, train=False)
+  with jax.threefry_partitionable(False):
+    return jax.jit(lambda rng: model.init({'params': rng}, x, train=False))(rng)
 
 
 def create_state(config, model, rng) -> TrainState:
@@ -204,7 +208,6 @@ def eval_step(variables, batch, *, model, config):
   logits = predict_logits(variables, batch['x'], model=model, config=config,
                           label_size=mask.shape[-2:], method=method)
   preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  from cen_jax import metrics as metrics_lib
   num_classes = config.model.num_classes
   conf = jnp.stack([metrics_lib.confusion_matrix(mask, p, num_classes,
                                                  config.data.ignore_label) for p in preds])
@@ -317,7 +320,7 @@ def replicated_sharding():
 def initial_state(config, model) -> TrainState:
   """Fresh state (optionally with ImageNet/torch weights), replicated on every device."""
   rng = jax.random.key(config.seed)
-  variables = jax.jit(lambda: init_variables(config, model, rng))()
+  variables = init_variables(config, model, rng)
   if config.model.init_from:
     from cen_jax import torch_io  # numpy-only unless the file is a .pth
     weights = torch_io.load_state_dict(config.model.init_from)
@@ -333,7 +336,6 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
   """
   from cen_jax import input_pipeline, viz
   from cen_jax import logging as log_lib
-  from cen_jax import metrics as metrics_lib
   eval_fn = make_eval_fn(config, model)
   variables = jax.device_put(variables, eval_fn.replicated)
   names = output_names(config)

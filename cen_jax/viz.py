@@ -6,12 +6,12 @@ so no class is black, and the ignore label 255 is black.
 """
 
 import functools
-import os
-import tempfile
 from typing import Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from cen_jax.io_utils import atomic_write
 
 IGNORE_LABEL = 255
 IGNORE_COLOR = (0, 0, 0)
@@ -133,16 +133,5 @@ def save_png(path: str, image) -> None:
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise ValueError(f'expected uint8, got {image.dtype}')
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      Image.fromarray(image).save(f, format='PNG')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_write(path, 'wb') as f:
+    Image.fromarray(image).save(f, format='PNG')

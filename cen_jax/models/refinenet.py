@@ -89,35 +89,22 @@ class Segmenter(nn.Module):
     l4, l3 = drop(l4), drop(l3)
     wide, narrow = self.decoder_widths
     dt = self.dtype
-    rcu = lambda f, n, name: RCUBlock(f, n, dtype=dt, name=name)
-    crp = lambda f, name: CRPBlock(f, dtype=dt, name=name)
-    up = lambda y, like: resize(y, like.shape[-3:-1], 'bilinear_align_corners')
 
-    x4 = conv3x3(wide, 'p_ims1d2_outl1_dimred', dtype=dt)(l4)
-    x4 = nn.relu(rcu(wide, 2, 'adapt_stage1_b')(x4))
-    x4 = crp(wide, 'mflow_conv_g1_pool')(x4)
-    x4 = rcu(wide, 3, 'mflow_conv_g1_b')(x4)
-    x4 = up(conv3x3(narrow, 'mflow_conv_g1_b3_joint_varout_dimred', dtype=dt)(x4), l3)
-
-    x3 = conv3x3(narrow, 'p_ims1d2_outl2_dimred', dtype=dt)(l3)
-    x3 = rcu(narrow, 2, 'adapt_stage2_b')(x3)
-    x3 = conv3x3(narrow, 'adapt_stage2_b2_joint_varout_dimred', dtype=dt)(x3)
-    x3 = crp(narrow, 'mflow_conv_g2_pool')(nn.relu(x3 + x4))
-    x3 = rcu(narrow, 3, 'mflow_conv_g2_b')(x3)
-    x3 = up(conv3x3(narrow, 'mflow_conv_g2_b3_joint_varout_dimred', dtype=dt)(x3), l2)
-
-    x2 = conv3x3(narrow, 'p_ims1d2_outl3_dimred', dtype=dt)(l2)
-    x2 = rcu(narrow, 2, 'adapt_stage3_b')(x2)
-    x2 = conv3x3(narrow, 'adapt_stage3_b2_joint_varout_dimred', dtype=dt)(x2)
-    x2 = crp(narrow, 'mflow_conv_g3_pool')(nn.relu(x2 + x3))
-    x2 = rcu(narrow, 3, 'mflow_conv_g3_b')(x2)
-    x2 = up(conv3x3(narrow, 'mflow_conv_g3_b3_joint_varout_dimred', dtype=dt)(x2), l1)
-
-    x1 = conv3x3(narrow, 'p_ims1d2_outl4_dimred', dtype=dt)(l1)
-    x1 = rcu(narrow, 2, 'adapt_stage4_b')(x1)
-    x1 = conv3x3(narrow, 'adapt_stage4_b2_joint_varout_dimred', dtype=dt)(x1)
-    x1 = crp(narrow, 'mflow_conv_g4_pool')(nn.relu(x1 + x2))
-    x1 = drop(rcu(narrow, 3, 'mflow_conv_g4_b')(x1))
+    x = conv3x3(wide, 'p_ims1d2_outl1_dimred', dtype=dt)(l4)
+    x = nn.relu(RCUBlock(wide, 2, dtype=dt, name='adapt_stage1_b')(x))
+    x = CRPBlock(wide, dtype=dt, name='mflow_conv_g1_pool')(x)
+    x = RCUBlock(wide, 3, dtype=dt, name='mflow_conv_g1_b')(x)
+    # Levels 2..4 (strides 16, 8, 4): project the coarser result, upsample it
+    # (align_corners=True), add the adapted encoder feature, then relu, CRP and RCU.
+    for level, skip in zip((2, 3, 4), (l3, l2, l1)):
+      x = conv3x3(narrow, f'mflow_conv_g{level - 1}_b3_joint_varout_dimred', dtype=dt)(x)
+      x = resize(x, skip.shape[-3:-1], 'bilinear_align_corners')
+      y = conv3x3(narrow, f'p_ims1d2_outl{level}_dimred', dtype=dt)(skip)
+      y = RCUBlock(narrow, 2, dtype=dt, name=f'adapt_stage{level}_b')(y)
+      y = conv3x3(narrow, f'adapt_stage{level}_b2_joint_varout_dimred', dtype=dt)(y)
+      x = CRPBlock(narrow, dtype=dt, name=f'mflow_conv_g{level}_pool')(nn.relu(y + x))
+      x = RCUBlock(narrow, 3, dtype=dt, name=f'mflow_conv_g{level}_b')(x)
+    x1 = drop(x)
 
     logits = conv3x3(self.num_classes, 'clf_conv', use_bias=True, dtype=dt)(x1)
     logits = logits.astype(jnp.float32)
