@@ -105,10 +105,9 @@ def run(config, workdir: str) -> None:
       predict.predict_files(config, variables, FLAGS.inputs, FLAGS.output,
                             save_logits=FLAGS.save_logits)
   elif mode == 'import':
-    from cen_jax import torch_io
     if not FLAGS.torch_checkpoint:
       fail('--mode=import needs --torch_checkpoint FILE')
-    step = torch_io.import_to_workdir(config, FLAGS.torch_checkpoint, workdir)
+    step = train.import_torch_checkpoint(config, FLAGS.torch_checkpoint, workdir)
     print(f'imported {FLAGS.torch_checkpoint} as step {step} in {workdir}')
   elif mode == 'export':
     from cen_jax import torch_io

@@ -477,3 +477,22 @@ def restore_variables(config, workdir: str, model, checkpoint: str = '') -> tupl
   restored = ckpts.restore(step, abstract)
   ckpts.close()
   return {'params': restored.params, 'batch_stats': restored.batch_stats}, step
+
+
+def import_torch_checkpoint(config, path: str, workdir: str) -> int:
+  """Official CEN/AsymFusion PyTorch checkpoint -> orbax checkpoint (step 0) in `workdir`, from
+  which eval, predict and training (fresh optimiser state) start."""
+  from cen_jax import checkpoints as ckpt_lib
+  from cen_jax import torch_io
+  model = build(config)
+  variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
+  variables = torch_io.import_cen_checkpoint(torch_io.load_state_dict(path), variables)
+  state = jax.device_put(state_from_variables(config, variables), replicated_sharding())
+  meta = ckpt_lib.model_meta(config, state.params)
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  ckpts.check_compatible(meta, workdir)
+  if ckpts.latest_step() is not None:
+    raise ValueError(f'workdir {workdir!r} already holds checkpoints; import into a new one')
+  ckpts.save(0, state, dict(meta, imported_from=os.path.abspath(path)))
+  ckpts.close()
+  return 0

@@ -104,3 +104,29 @@ def test_stage_learning_rates_and_boundaries():
   np.testing.assert_allclose(got, [(0.05, 0.1)] * 3 + [(0.01, 0.02)] * 3, rtol=1e-7)
   config.train.max_steps = 4
   assert train.total_steps(config, 3) == 4
+
+
+def test_test_time_augmentation_averages_flipped_and_scaled_logits():
+  config = tiny_config()
+  model = train.build(config)
+  state = train.create_state(config, model, jax.random.key(0))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  x = np.random.RandomState(1).randn(2, 1, 24, 28, 3).astype(np.float32)
+  label_size = (24, 28)
+
+  def plain(xin):
+    return np.asarray(train.resize(train.stacked_logits(model.apply(variables, xin, train=False)),
+                                   label_size, 'bilinear'))
+
+  base = train.predict_logits(variables, x, model=model, config=config, label_size=label_size,
+                              method='bilinear')
+  np.testing.assert_allclose(base, plain(x), rtol=1e-6, atol=1e-6)
+  config.data.tta_flip = True
+  config.data.tta_scales = (1.0, 0.5)
+  tta = train.predict_logits(variables, x, model=model, config=config, label_size=label_size,
+                             method='bilinear')
+  half = np.asarray(train.resize(x, (12, 14), 'bilinear'))
+  expected = (plain(x) + plain(x[..., ::-1, :])[..., ::-1, :]
+              + plain(half) + plain(half[..., ::-1, :])[..., ::-1, :]) / 4
+  np.testing.assert_allclose(tta, expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(tta, base, atol=1e-3)  # the augmentation did change something

@@ -1,0 +1,150 @@
+"""main.py end to end on the tiny synthetic dataset: train/eval outputs, SIGKILL + resume,
+command-line overrides, and one-line errors for bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny_synthetic.py')
+
+
+def run_main(*args, script='main.py', data_dir, check=True):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
+  cmd = [sys.executable, os.path.join(ROOT, script) if script == 'main.py' else script,
+         *args, f'--config.data.data_dir={data_dir}']
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
+  return workdir
+
+
+def final_params(workdir):
+  from cen_jax import checkpoints
+  import jax
+  ckpts = checkpoints.Checkpoints(workdir, read_only=True)
+  step = ckpts.latest_step()
+  import orbax.checkpoint as ocp
+  restored = ckpts.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpts.close()
+  return step, jax.tree.map(np.asarray, restored['state'])
+
+
+def test_train_writes_results_logs_and_previews(trained):
+  with open(os.path.join(trained, 'eval_results.json')) as f:
+    results = json.load(f)
+  assert results['step'] == 8 and results['split'] == 'test'
+  assert set(results['metrics']) == {'rgb', 'depth', 'ensemble'}
+  for scores in results['metrics'].values():
+    assert set(scores) == {'pixel_acc', 'mean_acc', 'miou'}
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
+  lines = [json.loads(l) for l in open(os.path.join(trained, 'metrics.jsonl'))]
+  steps = [l['step'] for l in lines if 'loss/total' in l]
+  assert steps == list(range(1, 9))
+  for key in ('lr/encoder', 'lr/decoder', 'alpha/rgb', 'alpha/depth', 'loss/ensemble',
+              'scales_below_threshold/rgb', 'scales_below_threshold/depth'):
+    assert key in lines[0], key
+  assert any('eval/ensemble/miou' in l for l in lines)
+  previews = os.listdir(os.path.join(trained, 'previews'))
+  assert 'step_0000004.png' in previews and 'step_0000008.png' in previews
+  assert os.listdir(os.path.join(trained, 'tensorboard'))
+
+
+def test_eval_mode_reproduces_training_eval(trained, data_dir):
+  with open(os.path.join(trained, 'eval_results.json')) as f:
+    during = json.load(f)
+  run_main(f'--config={CONFIG}', f'--workdir={trained}', '--mode=eval', '--checkpoint=8',
+           data_dir=data_dir)
+  with open(os.path.join(trained, 'eval_results.json')) as f:
+    after = json.load(f)
+  assert after == during
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):
+  workdir = str(tmp_path / 'killed')
+  worker = os.path.join(ROOT, 'tests', 'kill_worker.py')
+  killed = run_main('5', f'--config={CONFIG}', f'--workdir={workdir}', script=worker,
+                    data_dir=data_dir, check=False)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  from cen_jax import checkpoints
+  survived = checkpoints.Checkpoints(workdir, read_only=True).latest_step()
+  assert survived is not None and survived < 8
+  run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
+  step_a, state_a = final_params(trained)
+  step_b, state_b = final_params(workdir)
+  assert step_a == step_b == 8
+  import jax
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_command_line_overrides(data_dir):
+  out = run_main(f'--config={CONFIG}', '--mode=summary', '--config.model.num_classes=3',
+                 data_dir=data_dir).stdout
+  from cen_jax import models
+  import jax, jax.numpy as jnp
+  sys.path.insert(0, ROOT)
+  from tests.configs import tiny_synthetic
+  config = tiny_synthetic.get_config()
+  config.model.num_classes = 3
+  model = models.build_model(config)
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)},
+                                             jnp.zeros((2, 1, 16, 16, 3)), train=False))
+  assert f'params: {models.count_params(shapes["params"])}' in out
+
+
+def one_error_line(proc):
+  lines = [l for l in proc.stderr.splitlines() if l.strip() and 'WARNING' not in l]
+  assert proc.returncode != 0
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+def test_unknown_config_key_is_one_line(data_dir):
+  line = one_error_line(run_main(f'--config={CONFIG}', '--mode=summary',
+                                 '--config.train.batch_sizee=4', data_dir=data_dir,
+                                 check=False))
+  assert 'batch_sizee' in line
+
+
+def test_unknown_mode_is_one_line(data_dir):
+  line = one_error_line(run_main(f'--config={CONFIG}', '--mode=fly', '--workdir=/tmp/x',
+                                 data_dir=data_dir, check=False))
+  assert "'fly'" in line
+
+
+def tree_digest(directory):
+  digest = hashlib.sha256()
+  for root, _, files in sorted(os.walk(directory)):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      digest.update(path.encode())
+      with open(path, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def test_workdir_of_another_model_is_refused(trained, data_dir):
+  before = tree_digest(trained)
+  line = one_error_line(run_main(f'--config={CONFIG}', f'--workdir={trained}',
+                                 '--config.model.num_classes=4', data_dir=data_dir,
+                                 check=False))
+  assert 'clf_conv' in line and '(4,)' in line
+  assert tree_digest(trained) == before
