@@ -37,11 +37,11 @@ def get_config():
 
   t = config.train
   t.batch_size = 8  # 125 steps per epoch
-  t.stage_epochs = (6, 2)
+  t.stage_epochs = (12, 4)  # 2,000 steps
   t.lr_enc = (0.01, 0.002)
   t.lr_dec = (0.01, 0.002)
   t.l1_lambda = 5e-3
-  t.eval_every_epochs = 4
+  t.eval_every_epochs = 4  # every 500 steps
   t.log_every_steps = 25
   t.checkpoint_every_steps = 250
   return config
