@@ -12,6 +12,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export')
@@ -120,6 +121,8 @@ def run(config, workdir: str) -> None:
 
 
 def main(argv):
+  if not FLAGS['verbosity'].present:  # TFDS and orbax log every step at INFO; -v 0 shows it
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:

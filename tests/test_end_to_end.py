@@ -4,6 +4,7 @@ command-line overrides, and one-line errors for bad input."""
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,8 +111,12 @@ def test_command_line_overrides(data_dir):
   assert f'params: {models.count_params(shapes["params"])}' in out
 
 
+ABSL_INFO_OR_WARNING = re.compile(r'^[IW]\d{4} \d\d:\d\d:\d\d')
+
+
 def one_error_line(proc):
-  lines = [l for l in proc.stderr.splitlines() if l.strip() and 'WARNING' not in l]
+  lines = [l for l in proc.stderr.splitlines()
+           if l.strip() and 'WARNING' not in l and not ABSL_INFO_OR_WARNING.match(l)]
   assert proc.returncode != 0
   assert len(lines) == 1, proc.stderr
   return lines[0]
