@@ -36,7 +36,7 @@ def model_meta(config, params) -> dict:
 
 
 class IncompatibleCheckpointError(ValueError):
-  pass
+  """The workdir holds a checkpoint of another model (message names the first difference)."""
 
 
 def check_same_model(expected: dict, found: dict, where: str) -> None:
@@ -73,7 +73,7 @@ class _IteratorState:
     self.iterator.set_state(_decode_state(state))
 
   def start_prefetch(self):
-    pass
+    """Called by grain's handler after set_state; our iterators start reading on next()."""
 
 
 def _encode_state(state) -> bytes:

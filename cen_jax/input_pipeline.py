@@ -529,8 +529,8 @@ class TrainIterator:
   def __del__(self):
     try:
       self.close()
-    except Exception:  # interpreter shutdown
-      pass
+    except Exception:  # interpreter shutdown: nothing left to release
+      return
 
 
 def train_iterator(config, *, seed: int, process_index: int = 0,

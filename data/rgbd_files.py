@@ -104,16 +104,23 @@ def read_rgb(path: str, info: dict | None = None) -> np.ndarray:
   return arr
 
 
+def _fit_integer(path: str, arr: np.ndarray, dtype, what: str) -> np.ndarray:
+  """`arr` as `dtype`, refusing values that do not fit (e.g. a float or 32-bit PNG)."""
+  if arr.dtype == dtype:
+    return arr
+  limits = np.iinfo(dtype)
+  if not np.issubdtype(arr.dtype, np.integer) or arr.min() < limits.min or arr.max() > limits.max:
+    raise DatasetFileError(f'{path}: {what} values of dtype {arr.dtype} do not fit '
+                           f'{np.dtype(dtype).name}')
+  return arr.astype(dtype)
+
+
 def read_depth(path: str) -> np.ndarray:
   arr = _open(path)
   if arr.ndim != 2:
     raise DatasetFileError(f'{path}: expected a single-channel (8/16-bit) depth image, got '
                            f'shape {arr.shape}')
-  if arr.dtype != np.uint16:
-    if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 65535:
-      raise DatasetFileError(f'{path}: depth values of dtype {arr.dtype} do not fit uint16')
-    arr = arr.astype(np.uint16)
-  return arr
+  return _fit_integer(path, arr, np.uint16, 'depth')
 
 
 def read_mask(path: str) -> np.ndarray:
@@ -121,11 +128,7 @@ def read_mask(path: str) -> np.ndarray:
   if arr.ndim != 2:
     raise DatasetFileError(f'{path}: masks must be 2-D index images without colour map, got '
                            f'shape {arr.shape}')
-  if arr.dtype != np.uint8:
-    if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255:
-      raise DatasetFileError(f'{path}: mask values of dtype {arr.dtype} do not fit uint8')
-    arr = arr.astype(np.uint8)
-  return arr
+  return _fit_integer(path, arr, np.uint8, 'mask')
 
 
 def sun_mask_fallback(path: str) -> Optional[str]:
