@@ -80,6 +80,9 @@ def check_train_config(config):
   if not len(t.stage_epochs) == len(t.lr_enc) == len(t.lr_dec):
     raise ValueError(f'config.train: stage_epochs, lr_enc and lr_dec need one entry per stage, '
                      f'got {len(t.stage_epochs)}, {len(t.lr_enc)}, {len(t.lr_dec)}')
+  if config.data.eval_upsample not in ('bicubic', 'bilinear'):
+    raise ValueError(f"config.data.eval_upsample={config.data.eval_upsample!r}: expected "
+                     f"'bicubic' (official) or 'bilinear'")
   if t.parallel not in ('pmap', 'shard_map'):
     raise ValueError(f"config.train.parallel={t.parallel!r}: expected 'pmap' or 'shard_map'")
 
@@ -204,9 +207,8 @@ def predict_logits(variables, x, *, model, config, label_size, method):
 def eval_step(variables, batch, *, model, config):
   """Confusion matrices [M + 1, K, K] of one batch, and the predictions [M + 1, N, H, W]."""
   mask = batch['mask']
-  method = {'bicubic': 'bicubic', 'bilinear': 'bilinear'}[config.data.eval_upsample]
   logits = predict_logits(variables, batch['x'], model=model, config=config,
-                          label_size=mask.shape[-2:], method=method)
+                          label_size=mask.shape[-2:], method=config.data.eval_upsample)
   preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   num_classes = config.model.num_classes
   conf = jnp.stack([metrics_lib.confusion_matrix(mask, p, num_classes,
