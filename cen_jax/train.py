@@ -89,11 +89,6 @@ def check_train_config(config):
 
 # ----------------------------------------------------------------------------- model helpers
 
-def stack_inputs(config, batch) -> jax.Array:
-  """{modality: [N, H, W, 3]} -> [M, N, H, W, 3] in config.modalities order."""
-  return jnp.stack([jnp.asarray(batch[name]) for name in config.modalities])
-
-
 def init_variables(config, model, rng, image_size=(64, 64)):
   """Initial {'params', 'batch_stats'}. Non-partitionable threefry: with JAX's partitionable
   default, XLA:CPU needs minutes to compile the hundreds of initialisers (seconds without)."""
@@ -123,11 +118,16 @@ def stacked_logits(outputs) -> jax.Array:
   return jnp.concatenate([outputs['branches'], outputs['ensemble'][None]], axis=0)
 
 
+def labelled(mask, ignore_label, num_classes):
+  """Pixels that carry a class label (not ignore, within [0, num_classes))."""
+  return (mask != ignore_label) & (mask >= 0) & (mask < num_classes)
+
+
 def cross_entropy_sums(logits, mask, ignore_label):
   """Per output: summed NLL over labelled pixels of logits bilinearly upsampled to the label
   size (align_corners=False, as the official training), and the labelled-pixel count."""
   logits = resize(logits, mask.shape[-2:], 'bilinear')
-  valid = (mask != ignore_label) & (mask < logits.shape[-1]) & (mask >= 0)
+  valid = labelled(mask, ignore_label, logits.shape[-1])
   target = jnp.where(valid, mask, 0)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, target[None, ..., None], axis=-1)[..., 0]
@@ -142,7 +142,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   num_outputs = len(config.modalities) + 1
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
                            jax.lax.axis_index(AXIS))
-  valid = (batch['mask'] != config.data.ignore_label) & (batch['mask'] < config.model.num_classes)
+  valid = labelled(batch['mask'], config.data.ignore_label, config.model.num_classes)
   count = jnp.maximum(jax.lax.psum(jnp.sum(valid), AXIS), 1).astype(jnp.float32)
   num_devices = jax.lax.psum(1, AXIS)
   l1_weight = config.train.l1_lambda * (num_outputs if config.train.l1_per_output else 1)
@@ -242,13 +242,15 @@ class Runner:
     self.config = config
     self.devices = list(devices or jax.devices())
     self.kind = config.train.parallel
+    self.num_local = sum(d.process_index == jax.process_index() for d in self.devices)
+    self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+    self.replicated = NamedSharding(self.mesh, P())
     tx = make_optimizer(config)
     fn = functools.partial(train_step, model=model, config=config, starts=starts, tx=tx)
     if self.kind == 'pmap':
       self._step = jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
                             donate_argnums=(0,), devices=self.devices)
     else:
-      self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
       batch_spec = {'x': P(None, AXIS), 'mask': P(AXIS)}
       # check_vma=False: grads of replicated params are not psum'd implicitly, so the step's
       # explicit psum is the only reduction (with vma checking on it would count N times).
@@ -257,17 +259,14 @@ class Runner:
       self._step = jax.jit(mapped, donate_argnums=(0,))
       self.batch_sharding = {'x': NamedSharding(self.mesh, P(None, AXIS)),
                              'mask': NamedSharding(self.mesh, P(AXIS))}
-      self.replicated = NamedSharding(self.mesh, P())
 
   def place_state(self, state):
-    if self.kind == 'pmap':
-      return jax.device_put(state, NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), P()))
     return jax.device_put(state, self.replicated)
 
   def step(self, state, host_batch):
     if self.kind == 'pmap':
-      local = [d for d in self.devices if d.process_index == jax.process_index()]
-      return self._step(state, device_batch(self.config, host_batch, len(local), for_pmap=True))
+      return self._step(state, device_batch(self.config, host_batch, self.num_local,
+                                            for_pmap=True))
     batch = device_batch(self.config, host_batch, 0, for_pmap=False)
     batch = {k: jax.make_array_from_process_local_data(self.batch_sharding[k], v)
              for k, v in batch.items()}
@@ -330,15 +329,17 @@ def initial_state(config, model) -> TrainState:
   return jax.device_put(state_from_variables(config, variables), replicated_sharding())
 
 
-def evaluate(config, model, variables, *, split, step, workdir=None, writer=None) -> dict:
+def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
+             eval_fn=None) -> dict:
   """Exact confusion-matrix metrics over the whole split, for every branch and the ensemble.
 
   Each process evaluates its share on its local devices; confusion matrices are summed over
-  processes. Writes <workdir>/eval_results.json and a preview PNG when workdir is given.
+  processes. Writes <workdir>/eval_results.json and a preview PNG when workdir is given. Pass
+  the same `eval_fn` (make_eval_fn) to repeated evaluations so they compile once.
   """
   from cen_jax import input_pipeline, viz
   from cen_jax import logging as log_lib
-  eval_fn = make_eval_fn(config, model)
+  eval_fn = eval_fn or make_eval_fn(config, model)
   variables = jax.device_put(variables, eval_fn.replicated)
   names = output_names(config)
   conf = None
@@ -419,6 +420,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   runner = Runner(config, model, starts)
   state = runner.place_state(state)
   reset_opt = jax.jit(make_optimizer(config).init, out_shardings=replicated_sharding())
+  eval_fn = make_eval_fn(config, model)
   writer = log_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   progress = log_lib.ProgressBar(num_steps, initial=first_step,
                                  enabled=jax.process_index() == 0)
@@ -440,7 +442,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if done % eval_every == 0 or done == num_steps:
       variables = {'params': state.params, 'batch_stats': state.batch_stats}
       results = evaluate(config, model, variables, split=config.data.eval_split, step=done,
-                         workdir=workdir, writer=writer)
+                         workdir=workdir, writer=writer, eval_fn=eval_fn)
       ens = results['metrics']['ensemble']
       progress.write(f'step {done}: ' + ', '.join(
           f'{n} mIoU {s["miou"]:.2f}' for n, s in results['metrics'].items()))
