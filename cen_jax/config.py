@@ -1,8 +1,14 @@
-"""Default configuration shared by every experiment file under configs/.
+"""Default configurations shared by every experiment file under configs/.
 
-Each file in configs/ calls `base_config()` and changes what differs, so one place holds every
-key (and `main.py` rejects unknown ones). Defaults follow the official CEN segmentation recipe
-(RefineNet-LW on ResNet-101, NYUDv2, papers.md §1.2).
+Each file in configs/ calls `base_config()` (segmentation) or `translation_config()` and changes
+what differs, so one place holds every key (and `main.py` rejects unknown ones). `config.task`
+selects the task module (cen_jax/tasks/<task>.py) that the shared runner drives.
+
+- `base_config()`: the official CEN segmentation recipe (RefineNet-LW on ResNet-101, NYUDv2,
+  papers.md §1.2).
+- `translation_config()`: the official CEN image-to-image translation recipe (pix2pix U-Net
+  generator with private InstanceNorm, shared PatchGAN discriminator, Taskonomy shade + texture
+  -> rgb, papers.md §1.1(i), §1.2).
 """
 
 import ml_collections
@@ -14,6 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.task = 'segmentation'  # 'segmentation' | 'translation' (cen_jax/tasks/<task>.py)
   config.seed = 42
   # Branch order: branch m of every stacked array is modality config.modalities[m].
   config.modalities = ('rgb', 'depth')
@@ -76,6 +83,71 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.distributed = dist = ml_collections.ConfigDict()
   dist.initialize = False  # call jax.distributed.initialize (auto-detected on TPU/Slurm/MPI)
+  dist.coordinator_address = ''
+  dist.num_processes = 1
+  dist.process_id = 0
+  return config
+
+
+def translation_config() -> ml_collections.ConfigDict:
+  """The official CEN translation recipe (yikaiw/CEN image2image_translation/main.py defaults).
+
+  `config.modalities` are the input domains (one generator branch each, in this order);
+  `config.data.target` is the domain every branch (and the ensemble) predicts.
+  """
+  config = ml_collections.ConfigDict()
+  config.task = 'translation'
+  config.seed = 42
+  config.modalities = ('reshading', 'edge_texture')  # official default: -i 2 7 0
+
+  config.model = m = ml_collections.ConfigDict()
+  m.fusion = 'cen'  # 'cen' | 'none' (shared convs, private norms, late ensemble only)
+  m.ngf = 64  # generator width
+  m.ndf = 64  # discriminator width
+  m.num_downs = 0  # U-Net levels; 0: log2(config.data.crop_size) (8 at 256x256, as official)
+  m.threshold = 1e-2  # |InstanceNorm scale| below this => channel exchanged
+  m.in_momentum = 0.1  # running statistics (tracked, never used: G and D use instance stats)
+  m.in_eps = 1e-5
+  m.dropout = 0.5  # after the first three decoder blocks
+  m.test_dropout = True  # official/pix2pix: evaluation and predict keep dropout on
+  m.dtype = 'float32'
+
+  config.data = d = ml_collections.ConfigDict()
+  d.name = 'taskonomy'  # TFDS builder under data/
+  d.target = 'rgb'
+  d.data_dir = './tfds_data'
+  d.manual_dir = ''  # user-downloaded files (Taskonomy layout)
+  d.builder_config = ''
+  d.train_split = 'train'
+  d.eval_split = 'val'
+  d.load_size = 286  # training: resize to load_size x load_size (bilinear) ...
+  d.crop_size = 256  # ... random crop_size crop; evaluation: resize to crop_size
+  d.flip = True
+  d.num_workers = 0
+  d.eval_batch_size = 1  # per device
+
+  config.train = t = ml_collections.ConfigDict()
+  t.batch_size = 1  # global (official)
+  t.num_epochs = 300
+  t.lr_g = 2e-4
+  t.lr_d = 2e-4
+  t.beta1 = 0.5
+  t.beta2 = 0.999
+  t.l1_weight = 100.0  # official 'gama': weight of the pixel L1 of every output
+  t.l1_lambda = 1e-3  # sparsity weight on the partitioned InstanceNorm scales (counted once)
+  t.parallel = 'pmap'  # 'pmap' | 'shard_map'
+  t.eval_every_epochs = 5
+  t.log_every_steps = 10
+  t.checkpoint_every_steps = 500
+  t.keep_checkpoints = 2
+  t.num_previews = 4
+  t.max_steps = -1
+
+  config.eval = e = ml_collections.ConfigDict()
+  e.inception_weights = ''  # pytorch-fid InceptionV3 weights (.pth or converted .npz): FID/KID
+
+  config.distributed = dist = ml_collections.ConfigDict()
+  dist.initialize = False
   dist.coordinator_address = ''
   dist.num_processes = 1
   dist.process_id = 0
