@@ -3,8 +3,11 @@
 Modes: train (default; resumes from the workdir), eval (best checkpoint or --checkpoint),
 predict (--inputs one file or folder per modality, --output DIR), summary (parameter count and
 forward GFLOPs, no data), prepare (build the configured dataset), import (--torch_checkpoint,
-an official CEN/AsymFusion .pth, into an orbax checkpoint in --workdir), export (the workdir's
-checkpoint to an official-style PyTorch state_dict at --output).
+official PyTorch checkpoint file(s), into an orbax checkpoint in --workdir), export (the
+workdir's checkpoint to official-style PyTorch state_dict(s) at --output), fid (FID/KID between
+two image folders given as --inputs, with config.eval.inception_weights).
+
+`config.task` picks the task (cen_jax/tasks/): 'segmentation' or 'translation'.
 """
 
 import os
@@ -15,7 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export')
+MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export', 'fid')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -28,7 +31,9 @@ flags.DEFINE_multi_string('inputs', [], 'predict: one image (or folder) per moda
                           "config's modality order.")
 flags.DEFINE_string('output', '', 'predict: output folder; export: the .pth file to write.')
 flags.DEFINE_bool('save_logits', False, 'predict: also write raw logits as .npy.')
-flags.DEFINE_string('torch_checkpoint', '', 'import: official CEN/AsymFusion checkpoint.')
+flags.DEFINE_multi_string('torch_checkpoint', [], 'import: the official checkpoint (segmentation: '
+                          'the CEN/AsymFusion .pth; translation: checkpoint-gen.pkl, optionally '
+                          'followed by checkpoint-dis.pkl).')
 
 
 def fail(message: str) -> None:
@@ -50,39 +55,33 @@ def parse_flags(argv):
          f'unknown config key {message}')
 
 
-def summary(config) -> None:
-  import jax
-  import jax.numpy as jnp
-  from cen_jax import models
-  model = models.build_model(config)
-  size = config.data.crop_size
-  x = jax.ShapeDtypeStruct((len(config.modalities), 1, size, size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x,
-                                                  train=False), x)
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  cost = forward.lower(variables, x).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  print(f'model: {config.model.fusion} resnet blocks {models.config_lib.resnet_blocks(config.model)}'
-        f', modalities {list(config.modalities)}, {config.model.num_classes} classes, '
-        f'input {size}x{size}')
-  print(f'params: {models.count_params(variables["params"])}')
-  print(f'gflops: {cost["flops"] / 1e9:.2f}')
-
-
 def run(config, workdir: str) -> None:
   mode = FLAGS.mode
   if mode not in MODES:
     fail(f'unknown --mode={mode!r}; expected one of {", ".join(MODES)}')
+  from cen_jax import tasks, train
+  task = tasks.get(config)
+  train.check_config(config)
   if mode == 'summary':
-    return summary(config)
+    for line in task.summary(config):
+      print(line)
+    return
   if mode == 'prepare':
     from cen_jax import input_pipeline
     input_pipeline.prepare(config)
     print(f'prepared {config.data.name!r} in {config.data.data_dir}')
     return
+  if mode == 'fid':
+    from cen_jax import fid
+    if len(FLAGS.inputs) != 2:
+      fail('--mode=fid needs --inputs DIR_A --inputs DIR_B')
+    scores = fid.compare_folders(FLAGS.inputs[0], FLAGS.inputs[1],
+                                 config.eval.inception_weights)
+    for key, value in scores.items():
+      print(f'{key}: {value:.4f}')
+    return
   if not workdir:
     fail(f'--workdir is required for --mode={mode}')
-  from cen_jax import train
   if mode == 'train':
     train.train_and_evaluate(config, workdir)
   elif mode == 'eval':
@@ -91,33 +90,28 @@ def run(config, workdir: str) -> None:
     results = train.evaluate(config, model, variables, split=config.data.eval_split,
                              step=step, workdir=workdir)
     for name, scores in results['metrics'].items():
-      print(f'{name:>10}: ' + '  '.join(f'{k} {v:.2f}' for k, v in scores.items()))
+      print(f'{name:>10}: ' + '  '.join(f'{k} {v:.{task.RESULT_DIGITS}f}'
+                                         for k, v in scores.items()))
   elif mode == 'predict':
-    from cen_jax import predict
     if len(FLAGS.inputs) != len(config.modalities) or not FLAGS.output:
       fail(f'--mode=predict needs --inputs once per modality {list(config.modalities)} '
            f'and --output')
     model = train.build(config)
     variables, _ = train.restore_variables(config, workdir, model, FLAGS.checkpoint)
-    if all(os.path.isdir(p) for p in FLAGS.inputs):
-      predict.predict_folder(config, variables, FLAGS.inputs, FLAGS.output,
-                             save_logits=FLAGS.save_logits)
-    else:
-      predict.predict_files(config, variables, FLAGS.inputs, FLAGS.output,
-                            save_logits=FLAGS.save_logits)
+    task.predict(config, model, variables, FLAGS.inputs, FLAGS.output,
+                 save_logits=FLAGS.save_logits)
   elif mode == 'import':
     if not FLAGS.torch_checkpoint:
       fail('--mode=import needs --torch_checkpoint FILE')
     step = train.import_torch_checkpoint(config, FLAGS.torch_checkpoint, workdir)
-    print(f'imported {FLAGS.torch_checkpoint} as step {step} in {workdir}')
+    print(f'imported {", ".join(FLAGS.torch_checkpoint)} as step {step} in {workdir}')
   elif mode == 'export':
-    from cen_jax import torch_io
     if not FLAGS.output:
-      fail('--mode=export needs --output FILE.pth')
+      fail('--mode=export needs --output PATH')
     model = train.build(config)
-    variables, _ = train.restore_variables(config, workdir, model, FLAGS.checkpoint)
-    torch_io.save_torch_checkpoint(FLAGS.output, variables)
-    print(f'exported to {FLAGS.output}')
+    state, _ = train.restore_state(config, workdir, model, FLAGS.checkpoint)
+    for path in task.export_torch(state, FLAGS.output):
+      print(f'exported to {path}')
 
 
 def main(argv):

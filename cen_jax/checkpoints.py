@@ -1,4 +1,4 @@
-"""Orbax checkpoints: the latest N plus the best by ensemble mIoU, with the data-iterator state.
+"""Orbax checkpoints: the latest N plus the best by the task's metric, with the data-iterator state.
 
 Layout: `<workdir>/checkpoints/<step>/{state, meta, data}`:
 - state: TrainState (params, batch_stats, opt_state, step) as replicated global arrays, so a
@@ -22,7 +22,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from cen_jax.models import path_str
 
-BEST_METRIC = 'ensemble_miou'
+BEST_METRIC = 'ensemble_miou'  # segmentation's; a task passes its own to Checkpoints
 
 
 def param_shapes(params) -> dict:
@@ -91,12 +91,17 @@ class Checkpoints:
   """Thin wrapper over ocp.CheckpointManager for one workdir."""
 
   def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, best_metric: str = BEST_METRIC,
+               best_mode: str = 'max'):
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"best_mode={best_mode!r}: expected 'max' or 'min'")
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.best_metric = best_metric
+    self.sign = 1.0 if best_mode == 'max' else -1.0  # best = highest sign * metric
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
-                                  keep_checkpoints_without_metrics=False),
+        checkpoint_managers.BestN(get_metric_fn=lambda m: self.sign * m[best_metric],
+                                  reverse=False, n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save,
@@ -121,8 +126,9 @@ class Checkpoints:
     return restored['meta']
 
   def best_step(self) -> Optional[int]:
-    """The step with the highest ensemble mIoU among kept checkpoints (latest if none has one)."""
-    scored = [(self.meta(s).get('metrics', {}).get(BEST_METRIC, -np.inf), s)
+    """The step with the best metric among kept checkpoints (latest if none has one)."""
+    scored = [(self.sign * self.meta(s).get('metrics', {}).get(self.best_metric,
+                                                                self.sign * -np.inf), s)
               for s in self.all_steps()]
     if not scored:
       return None

@@ -119,12 +119,25 @@ def preview_grid(inputs: Mapping[str, np.ndarray], label,
     if pred.shape != size:
       raise ValueError(f'prediction {name!r} is {pred.shape}, label is {size}')
     panels.append((f'{name} pred', colorize(pred)))  # tells input rgb from pred rgb
+  return captioned_row(panels)
+
+
+def captioned_row(panels) -> np.ndarray:
+  """[(caption, uint8 [H, W, 3])] of equal sizes -> one row, a caption above each panel and
+  GAP white pixels between panels: uint8 [CAPTION_HEIGHT + H, P * W + (P - 1) * GAP, 3]."""
   captioned = [_captioned(panel, name) for name, panel in panels]
-  gap = np.full((CAPTION_HEIGHT + size[0], GAP, 3), 255, np.uint8)
+  gap = np.full((captioned[0].shape[0], GAP, 3), 255, np.uint8)
   row = [captioned[0]]
   for panel in captioned[1:]:
     row += [gap, panel]
   return np.concatenate(row, axis=1)
+
+
+def to_uint8_image(x) -> np.ndarray:
+  """A [-1, 1] float image (a translation input, target or output) -> uint8, as the official
+  de-normalisation ((x + 1) / 2 * 255, clipped, rounded)."""
+  x = (np.asarray(x, np.float64) + 1.0) * 127.5
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def save_png(path: str, image) -> None:

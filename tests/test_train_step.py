@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cen_jax import train
+from cen_jax.tasks import segmentation
 from tests.tiny import tiny_config
 
 
@@ -76,8 +77,8 @@ def test_loss_matches_hand_computation():
   x = np.stack([batch[n] for n in config.modalities])
   outputs = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
                         train=False)
-  logits = np.asarray(train.stacked_logits(outputs))
-  up = np.asarray(train.resize(logits, batch['mask'].shape[-2:], 'bilinear'))
+  logits = np.asarray(segmentation.stacked_logits(outputs))
+  up = np.asarray(segmentation.resize(logits, batch['mask'].shape[-2:], 'bilinear'))
   mask = batch['mask']
   valid = mask != 255
   logp = up - np.log(np.exp(up - up.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -85,7 +86,7 @@ def test_loss_matches_hand_computation():
   ce = [-(np.take_along_axis(logp[o], np.where(valid, mask, 0)[..., None], -1)[..., 0])[valid]
         .mean() for o in range(3)]
   # L1 over the partitioned bn2 scales: all ones at init, so it counts the penalised channels.
-  scales = train.exchange_scales(state.params)
+  scales = segmentation.exchange_scales(state.params)
   l1 = sum(s.shape[1] // 2 + (s.shape[1] - s.shape[1] // 2) for s in scales)
   expected = sum(ce) + 3 * config.train.l1_lambda * l1
   config.train.lr_enc = (0.0, 0.0)
@@ -99,11 +100,11 @@ def test_stage_learning_rates_and_boundaries():
   config = tiny_config()
   starts = train.stage_starts(config, steps_per_epoch=3)
   assert starts == [0, 3, 6]
-  got = [tuple(float(v) for v in train.stage_learning_rates(config, starts, s))
+  got = [tuple(float(v) for v in segmentation.stage_learning_rates(config, starts, s))
          for s in range(6)]
   np.testing.assert_allclose(got, [(0.05, 0.1)] * 3 + [(0.01, 0.02)] * 3, rtol=1e-7)
   config.train.max_steps = 4
-  assert train.total_steps(config, 3) == 4
+  assert segmentation.total_steps(config, 3) == 4
 
 
 def test_test_time_augmentation_averages_flipped_and_scaled_logits():
@@ -115,17 +116,17 @@ def test_test_time_augmentation_averages_flipped_and_scaled_logits():
   label_size = (24, 28)
 
   def plain(xin):
-    return np.asarray(train.resize(train.stacked_logits(model.apply(variables, xin, train=False)),
-                                   label_size, 'bilinear'))
+    logits = segmentation.stacked_logits(model.apply(variables, xin, train=False))
+    return np.asarray(segmentation.resize(logits, label_size, 'bilinear'))
 
-  base = train.predict_logits(variables, x, model=model, config=config, label_size=label_size,
-                              method='bilinear')
+  base = segmentation.predict_logits(variables, x, model=model, config=config,
+                                     label_size=label_size, method='bilinear')
   np.testing.assert_allclose(base, plain(x), rtol=1e-6, atol=1e-6)
   config.data.tta_flip = True
   config.data.tta_scales = (1.0, 0.5)
-  tta = train.predict_logits(variables, x, model=model, config=config, label_size=label_size,
-                             method='bilinear')
-  half = np.asarray(train.resize(x, (12, 14), 'bilinear'))
+  tta = segmentation.predict_logits(variables, x, model=model, config=config,
+                                    label_size=label_size, method='bilinear')
+  half = np.asarray(segmentation.resize(x, (12, 14), 'bilinear'))
   expected = (plain(x) + plain(x[..., ::-1, :])[..., ::-1, :]
               + plain(half) + plain(half[..., ::-1, :])[..., ::-1, :]) / 4
   np.testing.assert_allclose(tta, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,338 @@
+"""Semantic segmentation (RGB-D, RefineNet-LW on a multimodal ResNet): the task the shared runner
+(cen_jax/train.py) drives for `config.task = 'segmentation'`.
+
+The loss is normalised by the *global* count of labelled pixels, so a data-parallel step equals
+one single-device step on the whole batch. Official recipe (papers.md §1.2): two SGD groups
+(encoder / decoder + alpha) with staged learning rates applied in the step and the optimiser
+state reset at each stage; CE of every branch and the ensemble on bilinearly upsampled logits;
+L1 on the partitioned bn2 scales, counted per output.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cen_jax import fusion
+from cen_jax import metrics as metrics_lib
+from cen_jax.layers import resize
+from cen_jax.models import build_model, exchange_scales, is_encoder, path_str
+from cen_jax.train import AXIS, TrainState
+
+BATCH_KEYS = ('mask',)
+BEST_METRIC = 'ensemble_miou'
+BEST_MODE = 'max'
+RESULT_DIGITS = 2  # metrics are percentages
+
+
+# ----------------------------------------------------------------------------- config, model
+
+def check_config(config):
+  t = config.train
+  if not len(t.stage_epochs) == len(t.lr_enc) == len(t.lr_dec):
+    raise ValueError(f'config.train: stage_epochs, lr_enc and lr_dec need one entry per stage, '
+                     f'got {len(t.stage_epochs)}, {len(t.lr_enc)}, {len(t.lr_dec)}')
+  if config.data.eval_upsample not in ('bicubic', 'bilinear'):
+    raise ValueError(f"config.data.eval_upsample={config.data.eval_upsample!r}: expected "
+                     f"'bicubic' (official) or 'bilinear'")
+
+
+def build(config, *, axis_name=AXIS):
+  return build_model(config, axis_name=axis_name)
+
+
+def init_variables(config, model, rng, image_size=(64, 64)):
+  """Initial {'params', 'batch_stats'}. Non-partitionable threefry: with JAX's partitionable
+  default, XLA:CPU needs minutes to compile the hundreds of initialisers (seconds without)."""
+  x = jnp.zeros((len(config.modalities), 1) + tuple(image_size) + (3,), jnp.float32)
+  with jax.threefry_partitionable(False):
+    return jax.jit(lambda rng: model.init({'params': rng}, x, train=False))(rng)
+
+
+def initial_state_variables(config, model, rng):
+  """Random init, with the encoder from a torchvision ImageNet ResNet when init_from is set."""
+  variables = init_variables(config, model, rng)
+  if config.model.init_from:
+    from cen_jax import torch_io  # numpy-only unless the file is a .pth
+    weights = torch_io.load_state_dict(config.model.init_from)
+    variables = torch_io.import_torchvision_resnet(weights, jax.device_get(variables))
+  return variables
+
+
+def state_from_variables(config, variables) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=make_optimizer(config).init(params))
+
+
+def eval_variables(state) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def output_names(config) -> list[str]:
+  return list(config.modalities) + ['ensemble']
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+def param_groups(params):
+  """'enc' for the ResNet encoder, 'dec' for the decoder, classifier and alpha."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'enc' if is_encoder(path_str(path)) else 'dec', params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Two SGD groups as torch.optim.SGD(momentum, weight_decay), without the learning rate.
+
+  The per-stage learning rate is applied in the step (`stage_learning_rates`), so one
+  compiled step serves every stage; the state is re-initialised at each stage start.
+  """
+  t = config.train
+  group = lambda wd, mom: optax.chain(optax.add_decayed_weights(wd), optax.trace(decay=mom))
+  return optax.multi_transform(
+      {'enc': group(t.wd_enc, t.momentum_enc), 'dec': group(t.wd_dec, t.momentum_dec)},
+      param_groups)
+
+
+def reset_optimizer(config, params):
+  return make_optimizer(config).init(params)
+
+
+def stage_starts(config, steps_per_epoch: int) -> list[int]:
+  """First step of every stage, plus the total number of steps at the end."""
+  starts = [0]
+  for epochs in config.train.stage_epochs:
+    starts.append(starts[-1] + int(epochs) * steps_per_epoch)
+  return starts
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  total = stage_starts(config, steps_per_epoch)[-1]
+  return min(total, config.train.max_steps) if config.train.max_steps > 0 else total
+
+
+def stage_learning_rates(config, starts, step):
+  stage = jnp.sum(step >= jnp.asarray(starts[1:-1], jnp.int32)) if len(starts) > 2 else 0
+  return (jnp.asarray(config.train.lr_enc, jnp.float32)[stage],
+          jnp.asarray(config.train.lr_dec, jnp.float32)[stage])
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+def stacked_logits(outputs) -> jax.Array:
+  """[M + 1, N, h, w, K]: every branch, then the ensemble."""
+  return jnp.concatenate([outputs['branches'], outputs['ensemble'][None]], axis=0)
+
+
+def labelled(mask, ignore_label, num_classes):
+  """Pixels that carry a class label (not ignore, within [0, num_classes))."""
+  return (mask != ignore_label) & (mask >= 0) & (mask < num_classes)
+
+
+def cross_entropy_sums(logits, mask, ignore_label):
+  """Per output: summed NLL over labelled pixels of logits bilinearly upsampled to the label
+  size (align_corners=False, as the official training), and the labelled-pixel count."""
+  logits = resize(logits, mask.shape[-2:], 'bilinear')
+  valid = labelled(mask, ignore_label, logits.shape[-1])
+  target = jnp.where(valid, mask, 0)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, target[None, ..., None], axis=-1)[..., 0]
+  sums = jnp.sum(jnp.where(valid[None], nll, 0.0), axis=tuple(range(1, nll.ndim)))
+  return sums, jnp.sum(valid)
+
+
+def train_step(state: TrainState, batch, *, model, config, starts, tx):
+  """One per-device training step; collectives on AXIS. batch: {'x': [M,n,H,W,3], 'mask': [n,H,W]}."""
+  num_outputs = len(config.modalities) + 1
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
+                           jax.lax.axis_index(AXIS))
+  valid = labelled(batch['mask'], config.data.ignore_label, config.model.num_classes)
+  count = jnp.maximum(jax.lax.psum(jnp.sum(valid), AXIS), 1).astype(jnp.float32)
+  num_devices = jax.lax.psum(1, AXIS)
+  l1_weight = config.train.l1_lambda * (num_outputs if config.train.l1_per_output else 1)
+
+  def objective(params):
+    outputs, new_vars = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['x'], train=True,
+        rngs={'dropout': rng}, mutable=['batch_stats'])
+    ce_sums, _ = cross_entropy_sums(stacked_logits(outputs), batch['mask'],
+                                    config.data.ignore_label)
+    ce = ce_sums / count  # this device's share of each output's global mean
+    l1 = fusion.l1_penalty(exchange_scales(params)) if config.model.fusion == 'cen' else 0.0
+    total = jnp.sum(ce) + l1_weight * l1 / num_devices
+    return total, (ce, l1, outputs, new_vars.get('batch_stats', state.batch_stats))
+
+  grads, (ce, l1, outputs, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+  grads = jax.lax.psum(grads, AXIS)
+  ce = jax.lax.psum(ce, AXIS)
+  lr_enc, lr_dec = stage_learning_rates(config, starts, state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  lrs = jax.tree.map(lambda g: jnp.where(g == 'enc', -lr_enc, -lr_dec),
+                     param_groups(state.params), is_leaf=lambda x: isinstance(x, str))
+  updates = jax.tree.map(lambda u, lr: lr * u, updates, lrs)
+  params = optax.apply_updates(state.params, updates)
+
+  names = output_names(config)
+  scalars = {f'loss/{n}': ce[i] for i, n in enumerate(names)}
+  scalars['loss/l1'] = jnp.asarray(l1, jnp.float32)
+  scalars['loss/total'] = jnp.sum(ce) + l1_weight * scalars['loss/l1']
+  scalars['lr/encoder'] = lr_enc
+  scalars['lr/decoder'] = lr_dec
+  for m, name in enumerate(config.modalities):
+    scalars[f'alpha/{name}'] = outputs['alpha'][m]
+  if config.model.fusion == 'cen':
+    below = fusion.fraction_below_threshold(exchange_scales(params), config.model.threshold)
+    for m, name in enumerate(config.modalities):
+      scalars[f'scales_below_threshold/{name}'] = below[m]
+  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state)
+  return new_state, scalars
+
+
+def make_train_step(config, model, starts):
+  return functools.partial(train_step, model=model, config=config, starts=starts,
+                           tx=make_optimizer(config))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def predict_logits(variables, x, *, model, config, label_size, method):
+  """Eval-mode logits of every output, upsampled to `label_size`, with optional multi-scale
+  and flip test-time augmentation (averaged logits). Returns [M + 1, N, H, W, K]."""
+  total = 0.0
+  count = 0
+  height, width = x.shape[-3:-1]
+  for scale in config.data.tta_scales:
+    size = (max(int(round(height * scale)), 1), max(int(round(width * scale)), 1))
+    xs = resize(x, size, 'bilinear') if scale != 1.0 else x
+    for flip in ((False, True) if config.data.tta_flip else (False,)):
+      xin = xs[..., ::-1, :] if flip else xs
+      logits = stacked_logits(model.apply(variables, xin, train=False))
+      if flip:
+        logits = logits[..., ::-1, :]
+      total = total + resize(logits, label_size, method)
+      count += 1
+  return total / count
+
+
+def eval_step(variables, batch, *, model, config):
+  """Confusion matrices [M + 1, K, K] of one batch, and the predictions [M + 1, N, H, W]."""
+  mask = batch['mask']
+  logits = predict_logits(variables, batch['x'], model=model, config=config,
+                          label_size=mask.shape[-2:], method=config.data.eval_upsample)
+  preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  num_classes = config.model.num_classes
+  conf = jnp.stack([metrics_lib.confusion_matrix(mask, p, num_classes,
+                                                 config.data.ignore_label) for p in preds])
+  return conf, preds
+
+
+def make_eval_fn(config, model):
+  """(variables, host_batch) -> (confusion matrices, predictions) on this process's devices."""
+  from cen_jax import train
+  return train.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
+                             BATCH_KEYS, reduced_outputs=(True, False))
+
+
+def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
+             eval_fn=None) -> dict:
+  """Exact confusion-matrix metrics over the whole split, for every branch and the ensemble.
+
+  Each process evaluates its share on its local devices; confusion matrices are summed over
+  processes. Writes <workdir>/eval_results.json and a preview PNG when workdir is given. Pass
+  the same `eval_fn` (make_eval_fn) to repeated evaluations so they compile once.
+  """
+  from cen_jax import input_pipeline, train
+  eval_fn = eval_fn or make_eval_fn(config, model)
+  variables = jax.device_put(variables, eval_fn.replicated)
+  names = output_names(config)
+  conf = None
+  preview = None
+  batches = input_pipeline.eval_iterator(
+      config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for batch in batches:
+    batch_conf, preds = eval_fn(variables, batch)
+    conf = batch_conf if conf is None else conf + batch_conf
+    if preview is None and config.train.num_previews > 0:
+      preview = (batch, preds)
+  conf = np.zeros((len(names),) + (config.model.num_classes,) * 2, np.int64) if conf is None \
+      else np.asarray(jax.device_get(conf), np.int64)
+  conf = train.sum_over_processes(conf)
+  results = {'step': int(step), 'split': split,
+             'metrics': {n: metrics_lib.scores(conf[i]) for i, n in enumerate(names)}}
+  train.write_eval_outputs(config, results, workdir=workdir, writer=writer,
+                           preview=preview_image(config, *preview) if preview else None)
+  return results
+
+
+def best_value(results) -> float:
+  return float(results['metrics']['ensemble']['miou'])
+
+
+def progress_line(results) -> str:
+  return ', '.join(f'{n} mIoU {s["miou"]:.2f}' for n, s in results['metrics'].items())
+
+
+def preview_image(config, batch, preds) -> np.ndarray:
+  """Inputs, ground truth and each output's prediction for the first examples of a batch."""
+  from cen_jax import input_pipeline, viz
+  preds = np.asarray(jax.device_get(preds))
+  rows = []
+  count = min(config.train.num_previews, preds.shape[1])
+  for i in range(count):
+    if 'valid' in batch and not batch['valid'][i]:
+      continue
+    inputs = {n: input_pipeline.to_display_image(config, n, batch[n][i])
+              for n in config.modalities}
+    predictions = {n: preds[o, i] for o, n in enumerate(output_names(config))}
+    rows.append(viz.preview_grid(inputs, np.asarray(batch['mask'][i]), predictions))
+  return np.concatenate(rows, axis=0) if rows else np.zeros((1, 1, 3), np.uint8)
+
+
+# ----------------------------------------------------------------------------- main.py modes
+
+def summary(config) -> list[str]:
+  """Parameter count and forward GFLOPs (XLA cost analysis) at crop_size, from shapes only."""
+  from cen_jax import config as config_lib
+  from cen_jax import models
+  model = build_model(config)
+  size = config.data.crop_size
+  x = jax.ShapeDtypeStruct((len(config.modalities), 1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x,
+                                                  train=False), x)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  cost = forward.lower(variables, x).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return [f'model: {config.model.fusion} resnet blocks '
+          f'{config_lib.resnet_blocks(config.model)}, modalities {list(config.modalities)}, '
+          f'{config.model.num_classes} classes, input {size}x{size}',
+          f'params: {models.count_params(variables["params"])}',
+          f'gflops: {cost["flops"] / 1e9:.2f}']
+
+
+def predict(config, model, variables, inputs, output, *, save_logits=False) -> list:
+  """Segment one image per modality (or matching files of one folder per modality)."""
+  del model  # cen_jax.predict builds its own inference function
+  from cen_jax import predict as predict_lib
+  if all(os.path.isdir(p) for p in inputs):
+    return predict_lib.predict_folder(config, variables, inputs, output, save_logits=save_logits)
+  return predict_lib.predict_files(config, variables, inputs, output, save_logits=save_logits)
+
+
+def import_torch_variables(config, model, path: str) -> dict:
+  """Variables from an official CEN/AsymFusion PyTorch checkpoint."""
+  from cen_jax import torch_io
+  variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
+  return torch_io.import_cen_checkpoint(torch_io.load_state_dict(path), variables)
+
+
+def export_torch(state, output: str) -> list[str]:
+  """The official-style state_dict at `output` (a .pth file)."""
+  from cen_jax import torch_io
+  torch_io.save_torch_checkpoint(output, eval_variables(state))
+  return [output]
