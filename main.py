@@ -12,6 +12,7 @@ two image folders given as --inputs, with config.eval.inception_weights).
 
 import os
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -115,8 +116,11 @@ def run(config, workdir: str) -> None:
 
 
 def main(argv):
-  if not FLAGS['verbosity'].present:  # TFDS and orbax log every step at INFO; -v 0 shows it
-    logging.set_verbosity(logging.WARNING)
+  if not FLAGS['verbosity'].present:
+    # Third-party logs and warnings a user cannot act on (TFDS and orbax log every step at
+    # INFO, orbax warns about read-only managers) are hidden; --verbosity 0 shows them.
+    logging.set_verbosity(logging.ERROR)
+    warnings.filterwarnings('ignore')
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:

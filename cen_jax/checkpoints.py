@@ -10,8 +10,12 @@ Layout: `<workdir>/checkpoints/<step>/{state, meta, data}`:
 """
 
 import base64
+import contextlib
 import json
 import os
+import re
+import shutil
+import sys
 from typing import Any, Optional
 
 import grain
@@ -33,6 +37,20 @@ def param_shapes(params) -> dict:
 def model_meta(config, params) -> dict:
   return {'param_shapes': param_shapes(params), 'modalities': list(config.modalities),
           'fusion': config.model.fusion, 'config': config.to_json_best_effort()}
+
+
+class CheckpointError(ValueError):
+  """No checkpoint of the workdir can be restored (message names each step and why)."""
+
+
+def failure_reason(error: BaseException, limit: int = 160) -> str:
+  """One short line for why a checkpoint failed to restore (tensorstore errors run to pages)."""
+  text = ' '.join(str(error).split()) or type(error).__name__
+  text = text.split(' [tensorstore_spec')[0]
+  found = re.search(r'.*local file "([^"]+)": (.*)', text)  # the innermost file and error
+  if found:  # '... of local file "F": Requested byte range [0, 28010) is not valid ...'
+    text = f'{found.group(1)}: {found.group(2)}'
+  return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -125,20 +143,65 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored['meta']
 
+  def _readable_meta(self, step: int) -> Optional[dict]:
+    try:
+      return self.meta(step)
+    except Exception:  # a damaged step: restore_first_intact reports it
+      return None
+
   def best_step(self) -> Optional[int]:
     """The step with the best metric among kept checkpoints (latest if none has one)."""
-    scored = [(self.sign * self.meta(s).get('metrics', {}).get(self.best_metric,
-                                                                self.sign * -np.inf), s)
-              for s in self.all_steps()]
+    scored = []
+    for step in self.all_steps():
+      meta = self._readable_meta(step) or {}
+      scored.append((self.sign * meta.get('metrics', {}).get(self.best_metric,
+                                                              self.sign * -np.inf), step))
     if not scored:
       return None
     best = max(scored)
     return best[1] if np.isfinite(best[0]) else self.latest_step()
 
   def check_compatible(self, expected_meta: dict, workdir: str) -> None:
-    step = self.latest_step()
-    if step is not None:
-      check_same_model(expected_meta, self.meta(step), f'workdir {workdir!r}')
+    for step in sorted(self.all_steps(), reverse=True):  # the newest step whose meta reads
+      meta = self._readable_meta(step)
+      if meta is not None:
+        check_same_model(expected_meta, meta, f'workdir {workdir!r}')
+        return
+
+  def restore_first_intact(self, steps, abstract_state: Any, *, data_iterator=None,
+                           set_aside: bool = False):
+    """(state, step) of the first of `steps` that restores. Each step that does not (a
+    truncated or missing file, an interrupted copy) is reported in one line on stderr; with
+    `set_aside` such steps move to <workdir>/checkpoints_corrupt/ (kept, not deleted) so that
+    training can save those step numbers again. Raises CheckpointError when none restores."""
+    failures = []
+    for step in steps:
+      try:
+        with _stderr_kept_unless_failed():
+          state = self.restore(step, abstract_state, data_iterator=data_iterator)
+      except Exception as e:  # whatever the storage layer raises for damaged files
+        failures.append((step, failure_reason(e)))
+        print(f'warning: checkpoint step {step} cannot be restored ({failures[-1][1]}); '
+              f'trying an older one', file=sys.stderr)
+        continue
+      if set_aside and failures:
+        self._set_aside([s for s, _ in failures])
+      return state, step
+    where = self.directory
+    raise CheckpointError(f'no intact checkpoint in {where}: ' + '; '.join(
+        f'step {s}: {reason}' for s, reason in failures) if failures else
+        f'no checkpoint in {where}')
+
+  def _set_aside(self, steps) -> None:
+    self.manager.wait_until_finished()
+    aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt')
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, str(step))
+      if os.path.exists(target):
+        target = f'{target}.{len(os.listdir(aside))}'
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
 
   def save(self, step: int, state, meta: dict, *, data_iterator=None,
            metrics: Optional[dict] = None) -> None:
@@ -171,6 +234,49 @@ class Checkpoints:
     if self.manager:
       self.manager.wait_until_finished()
       self.manager.close()
+
+
+@contextlib.contextmanager
+def _stderr_kept_unless_failed():
+  """Buffers file descriptor 2 for the duration of a restore. If the restore fails, what the
+  storage layer printed is dropped: orbax's pending reads and tensorstore's callbacks then log
+  pages of tracebacks ('Task exception was never retrieved', 'Event loop is closed') from
+  other threads, and `failure_reason` has already said what went wrong in one line. If it
+  succeeds, anything printed is passed on."""
+  import gc
+  import tempfile
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as buffer:
+    os.dup2(buffer.fileno(), 2)
+    failed = True
+    try:
+      yield
+      failed = False
+    finally:
+      if failed:
+        gc.collect()  # reports the orphaned read tasks now, into the buffer
+        _wait_until_quiet(buffer)  # the other threads' callbacks print for a moment
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        buffer.seek(0)
+        sys.stderr.write(buffer.read().decode(errors='replace'))
+        sys.stderr.flush()
+
+
+def _wait_until_quiet(file, interval: float = 0.15, limit: float = 5.0) -> None:
+  """Returns once `file` has stopped growing for `interval` seconds (or after `limit`)."""
+  import time
+  size, waited = -1, 0.0
+  while waited < limit:
+    current = os.fstat(file.fileno()).st_size
+    if current == size:
+      return
+    size = current
+    time.sleep(interval)
+    waited += interval
 
 
 def abstract_like(tree, sharding):

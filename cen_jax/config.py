@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.num_previews = 4
   t.max_steps = -1  # > 0 truncates the schedule (smoke runs)
+  t.skip_nonfinite = False  # False: stop at a non-finite loss/gradient; True: skip that update
 
   config.distributed = dist = ml_collections.ConfigDict()
   dist.initialize = False  # call jax.distributed.initialize (auto-detected on TPU/Slurm/MPI)
@@ -142,6 +143,7 @@ def translation_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.num_previews = 4
   t.max_steps = -1
+  t.skip_nonfinite = False
 
   config.eval = e = ml_collections.ConfigDict()
   e.inception_weights = ''  # pytorch-fid InceptionV3 weights (.pth or converted .npz): FID/KID

@@ -56,6 +56,7 @@ single-process batch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -141,8 +142,9 @@ def prepare(config, *, force: bool = False) -> str:
         raise error_type(f'{manual_dir}: manual dir (config.data.manual_dir) not found.\n'
                          f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      with _one_progress_bar(config.data.name):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:  # surface our one-line file error instead of TFDS's wrapping
       cause = e
       while cause is not None and not isinstance(cause, error_type):
@@ -175,6 +177,39 @@ def prepare(config, *, force: bool = False) -> str:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return target
+
+
+@contextlib.contextmanager
+def _one_progress_bar(name: str):
+  """During a TFDS prepare: one bar counting the examples of every split (on a terminal; none
+  in logs) instead of TFDS's nested split/example/shuffle bars, and no TFDS message naming the
+  temporary directory the dataset is built in."""
+  import io
+  from tensorflow_datasets.core import utils as tfds_utils
+  from tqdm import tqdm
+  bar = tqdm(desc=f'prepare {name}', unit=' examples', leave=False, file=sys.stderr,
+             disable=not _is_terminal(sys.stderr))
+  original = tfds_utils.tqdm
+
+  def counting(iterable=None, *args, desc='', **kwargs):
+    if iterable is not None and str(desc).endswith('examples...'):
+      return (bar.update(1) or item for item in iterable)
+    return tfds_utils.EmptyTqdm(iterable, *args, **kwargs)
+
+  tfds_utils.tqdm = counting
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds_utils.tqdm = original
+    bar.close()
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
 
 
 def _read_only_builder(directory: str):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -102,6 +103,8 @@ class Runner:
     self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     fn = _task(config).make_train_step(config, model, starts)
+    if config.train.get('skip_nonfinite', False):
+      fn = _skipping_nonfinite(fn)
     if self.kind == 'pmap':
       self._step = jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None),
                             donate_argnums=(0,), devices=self.devices)
@@ -125,6 +128,13 @@ class Runner:
     batch = {k: jax.make_array_from_process_local_data(self.batch_sharding[k], v)
              for k, v in batch.items()}
     return self._step(state, batch)
+
+
+def _skipping_nonfinite(step_fn):
+  def step(state, batch):
+    new_state, scalars = step_fn(state, batch)
+    return keep_finite_update(new_state, state, scalars['finite']), scalars
+  return step
 
 
 def local_eval_fn(config, fn: Callable, keys, *, reduced_outputs) -> Callable:
@@ -235,10 +245,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = input_pipeline.train_iterator(
       config, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  start = ckpts.latest_step()
-  if start is not None:
-    state = ckpts.restore(start, ckpt_lib.abstract_like(state, replicated_sharding()),
-                          data_iterator=train_iter)
+  if ckpts.all_steps():  # resume from the newest checkpoint that restores
+    state, _ = ckpts.restore_first_intact(
+        sorted(ckpts.all_steps(), reverse=True),
+        ckpt_lib.abstract_like(state, replicated_sharding()), data_iterator=train_iter,
+        set_aside=True)
   first_step = int(jax.device_get(state.step))
   runner = Runner(config, model, starts)
   state = runner.place_state(state)
@@ -248,34 +259,131 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = log_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   progress = log_lib.ProgressBar(num_steps, initial=first_step,
                                  enabled=jax.process_index() == 0)
-  pending = []
+  guard = NonFiniteGuard(config, ckpts)
+  preemption = Preemption(ckpts)
+  pending = []  # device scalars since the last host sync
   results = {}
-  for step in range(first_step, num_steps):
-    if step in starts[1:-1]:  # a new stage: fresh optimiser state (official)
-      state = state.replace(opt_state=reset_opt(state.params))
-    state, scalars = runner.step(state, next(train_iter))
-    pending.append(scalars)
-    done = step + 1
-    progress.update(1)
-    if done % config.train.log_every_steps == 0 or done == num_steps:
-      host = jax.device_get(pending)  # the loop's only host sync between evaluations
-      pending = []
-      summary = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+
+  def sync(done):  # the loop's only host sync between evaluations
+    if pending:
+      summary = guard.check(jax.device_get(pending), done)
+      pending.clear()
       writer.write_scalars(done, summary)
       progress.set_postfix(loss=summary['loss/total'])
-    if done % eval_every == 0 or done == num_steps:
-      results = task.evaluate(config, model, task.eval_variables(state),
-                              split=config.data.eval_split, step=done, workdir=workdir,
-                              writer=writer, eval_fn=eval_fn)
-      progress.write(f'step {done}: {task.progress_line(results)}')
-      ckpts.save(done, state, meta, data_iterator=train_iter,
-                 metrics={task.BEST_METRIC: task.best_value(results)})
-    elif done % config.train.checkpoint_every_steps == 0:
-      ckpts.save(done, state, meta, data_iterator=train_iter)
-  progress.close()
-  ckpts.close()
-  writer.close()
+
+  try:
+    for step in range(first_step, num_steps):
+      if preemption.reached(step):
+        sync(step)
+        if ckpts.latest_step() != step:
+          ckpts.save(step, state, meta, data_iterator=train_iter)
+        ckpts.wait()
+        progress.write(f'preempted: saved step {step} in {ckpts.directory}; run the same '
+                       f'command to resume')
+        break
+      if step in starts[1:-1]:  # a new stage: fresh optimiser state (official)
+        state = state.replace(opt_state=reset_opt(state.params))
+      state, scalars = runner.step(state, next(train_iter))
+      pending.append(scalars)
+      done = step + 1
+      progress.update(1)
+      evaluate_now = done % eval_every == 0 or done == num_steps
+      save_now = evaluate_now or done % config.train.checkpoint_every_steps == 0
+      if done % config.train.log_every_steps == 0 or done == num_steps or save_now:
+        sync(done)  # also before every save: no non-finite state is ever written
+      if evaluate_now:
+        results = task.evaluate(config, model, task.eval_variables(state),
+                                split=config.data.eval_split, step=done, workdir=workdir,
+                                writer=writer, eval_fn=eval_fn)
+        progress.write(f'step {done}: {task.progress_line(results)}')
+        ckpts.save(done, state, meta, data_iterator=train_iter,
+                   metrics={task.BEST_METRIC: task.best_value(results)})
+      elif save_now:
+        ckpts.save(done, state, meta, data_iterator=train_iter)
+  finally:
+    preemption.close()
+    progress.close()
+    ckpts.close()
+    writer.close()
   return results
+
+
+class NonFiniteError(ValueError):
+  """Training produced a non-finite loss or gradient (message names the steps and the last
+  good checkpoint)."""
+
+
+def all_finite(*trees) -> jax.Array:
+  """True when every leaf of every tree is finite (a step's loss and gradients)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def keep_finite_update(new_state: TrainState, old_state: TrainState, finite) -> TrainState:
+  """config.train.skip_nonfinite: a step whose loss or gradients are not finite leaves the
+  state as it was (only the step count advances)."""
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+  return kept.replace(step=new_state.step)
+
+
+class NonFiniteGuard:
+  """Reads the steps' 'finite' flags at each host sync: stops training with one line (default)
+  or counts skipped updates (config.train.skip_nonfinite)."""
+
+  def __init__(self, config, ckpts):
+    self.skip = bool(config.train.get('skip_nonfinite', False))
+    self.ckpts = ckpts
+    self.skipped = 0
+
+  def check(self, host_scalars: list, done: int) -> dict:
+    finite = [bool(h.pop('finite', True)) for h in host_scalars]
+    first = done - len(host_scalars) + 1
+    if not all(finite):
+      bad = [first + i for i, ok in enumerate(finite) if not ok]
+      if not self.skip:
+        last = self.ckpts.latest_step()
+        where = (f'last good checkpoint: step {last} in {self.ckpts.directory}'
+                 if last is not None else 'no checkpoint was saved')
+        raise NonFiniteError(
+            f'non-finite loss or gradients in steps {bad[0]}-{bad[-1]} (log window {first}-'
+            f'{done}); training stopped, nothing non-finite was saved; {where} (lower the '
+            f'learning rate, or set config.train.skip_nonfinite=True to skip such updates)')
+      self.skipped += len(bad)
+    summary = {k: float(np.mean([h[k] for h in host_scalars])) for k in host_scalars[0]}
+    if self.skip:
+      summary['train/skipped_steps'] = float(self.skipped)
+    return summary
+
+
+class Preemption:
+  """SIGTERM (Slurm, TPU pods and most schedulers send it before stopping a job) asks the loop
+  to save a checkpoint at the current step and stop. With several processes JAX's preemption
+  service (jax.distributed) catches the signal and orbax's `reached_preemption` makes every
+  process agree on the step; with one process a SIGTERM handler sets a flag."""
+
+  def __init__(self, ckpts):
+    import signal
+    import threading
+    self.ckpts = ckpts
+    self.requested = False
+    self.previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(self.ckpts.manager.reached_preemption(step))
+    return self.requested
+
+  def close(self):
+    if self.previous is not None:
+      import signal
+      signal.signal(signal.SIGTERM, self.previous)
+      self.previous = None
 
 
 def template_state(config, model) -> TrainState:
@@ -297,15 +405,21 @@ def restore_state(config, workdir: str, model, checkpoint: str = '') -> tuple[Tr
       path = os.path.abspath(checkpoint.rstrip('/'))
       directory, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
   ckpts = open_checkpoints(config, directory, read_only=True)
-  if step is None:
-    step = ckpts.best_step()
-  if step is None:
+  if step is None:  # the best, else the newest that restores
+    best = ckpts.best_step()
+    steps = [] if best is None else [best] + [
+        s for s in sorted(ckpts.all_steps(), reverse=True) if s != best]
+  else:
+    steps = [step]
+  if not steps:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(directory, "checkpoints")!r}')
   template = template_state(config, model)
   ckpts.check_compatible(ckpt_lib.model_meta(config, template.params), directory)
-  state = ckpts.restore(step, ckpt_lib.abstract_like(template, replicated_sharding()))
-  ckpts.close()
-  return state, step
+  try:
+    return ckpts.restore_first_intact(
+        steps, ckpt_lib.abstract_like(template, replicated_sharding()))
+  finally:
+    ckpts.close()
 
 
 def restore_variables(config, workdir: str, model, checkpoint: str = '') -> tuple[dict, int]:

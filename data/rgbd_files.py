@@ -23,6 +23,9 @@ import numpy as np
 TEST_LIST_NAMES = ('test.txt', 'val.txt')  # the official NYUDv2 list is called val.txt
 
 
+IGNORE_LABEL = 255
+
+
 class DatasetFileError(ValueError):
   """A file named in a list (or the list itself) is missing, unreadable or malformed."""
 
@@ -139,10 +142,12 @@ def sun_mask_fallback(path: str) -> Optional[str]:
   return f'{m.group(1)}{int(m.group(2)) + 5050:06d}{m.group(3)}'
 
 
-def generate_examples(manual_dir: str, list_path: str, *,
+def generate_examples(manual_dir: str, list_path: str, *, num_classes: int,
                       check: Optional[Callable[[dict, tuple], None]] = None,
                       mask_fallback: bool = False) -> Iterator[tuple[int, dict]]:
-  """(key, example) for each list entry, in list order (key = line position)."""
+  """(key, example) for each list entry, in list order (key = line position). Every example is
+  checked (labels in [0, num_classes) or 255, rgb and depth of one size, then `check`) before
+  it is yielded, so a bad file fails the prepare, which leaves nothing behind."""
   entries = read_list(list_path)
   # Fail fast, before any decoding, on the first missing file.
   for rel in entries:
@@ -168,9 +173,11 @@ def generate_examples(manual_dir: str, list_path: str, *,
         'mask': read_mask(mask_path),
         'name': rgb_rel,
     }
+    paths = (os.path.join(manual_dir, rgb_rel), mask_path, os.path.join(manual_dir, depth_rel))
+    check_labels(example['mask'], mask_path, num_classes)
+    check_same_size(example, paths)
     if check is not None:
-      check(example, (os.path.join(manual_dir, rgb_rel), mask_path,
-                      os.path.join(manual_dir, depth_rel)))
+      check(example, paths)
     raw = None
     if rgb_info.get('format') == 'PNG' and rgb_info.get('mode') == 'RGB':
       with open(os.path.join(manual_dir, rgb_rel), 'rb') as f:
@@ -181,6 +188,25 @@ def generate_examples(manual_dir: str, list_path: str, *,
     # the official reader; grayscale; palette) is re-encoded from the decoded array.
     example['rgb'] = raw if raw is not None else png_bytes(example['rgb'])
     yield key, example
+
+
+def check_labels(mask: np.ndarray, path: str, num_classes: int) -> None:
+  """Every label is a class in [0, num_classes) or the ignore label 255."""
+  bad = (mask >= num_classes) & (mask != IGNORE_LABEL)
+  if bad.any():
+    values = sorted(int(v) for v in np.unique(mask[bad]))
+    y, x = np.argwhere(bad)[0]
+    raise DatasetFileError(f'{path}: label {values[0]} at row {y}, column {x} is outside '
+                           f'[0, {num_classes}) and is not the ignore label {IGNORE_LABEL} '
+                           f'(bad labels: {values[:8]})')
+
+
+def check_same_size(example: dict, paths: tuple) -> None:
+  """rgb and depth of one example are images of the same scene: the same size."""
+  rgb, depth = example['rgb'].shape[:2], example['depth'].shape[:2]
+  if rgb != depth:
+    raise DatasetFileError(f'{paths[2]}: depth is {depth[0]}x{depth[1]} but its rgb {paths[0]} '
+                           f'is {rgb[0]}x{rgb[1]}')
 
 
 def check_not_smaller_than_mask(example: dict, paths: tuple) -> None:

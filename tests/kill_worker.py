@@ -1,6 +1,6 @@
-"""Runs main.py's training in-process and SIGKILLs itself inside training step `kill_at`.
+"""Runs main.py's training in-process and signals itself inside training step `kill_at`.
 
-argv: kill_at, then main.py's flags.
+argv: kill_at[:SIGNAL] (SIGKILL unless e.g. '5:SIGTERM'), then main.py's flags.
 """
 
 import os
@@ -8,7 +8,9 @@ import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-kill_at = int(sys.argv.pop(1))
+kill_at, _, signal_name = sys.argv.pop(1).partition(':')
+kill_at = int(kill_at)
+signum = getattr(signal, signal_name or 'SIGKILL')
 
 from cen_jax import train  # noqa: E402
 
@@ -20,7 +22,7 @@ def step_then_die(self, state, batch):
   calls['n'] += 1
   out = _step(self, state, batch)
   if calls['n'] == kill_at:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signum)
   return out
 
 

@@ -153,3 +153,101 @@ def test_workdir_of_another_model_is_refused(trained, data_dir):
                                  check=False))
   assert 'clf_conv' in line and '(4,)' in line
   assert tree_digest(trained) == before
+
+
+# ----------------------------------------------------------------------------- long runs
+
+def test_eval_prints_only_the_results_table(trained, data_dir):
+  proc = run_main(f'--config={CONFIG}', f'--workdir={trained}', '--mode=eval', data_dir=data_dir)
+  assert proc.stderr.strip() == '', proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert [l.split(':')[0].strip() for l in lines] == ['rgb', 'depth', 'ensemble']
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_bit_identical(tmp_path, trained,
+                                                                    data_dir):
+  workdir = str(tmp_path / 'preempted')
+  worker = os.path.join(ROOT, 'tests', 'kill_worker.py')
+  no_periodic = '--config.train.checkpoint_every_steps=100'  # only the preemption saves step 3
+  proc = run_main('3:SIGTERM', f'--config={CONFIG}', f'--workdir={workdir}', no_periodic,
+                  script=worker, data_dir=data_dir)
+  assert proc.returncode == 0
+  assert 'preempted: saved step 3' in proc.stderr
+  from cen_jax import checkpoints
+  assert checkpoints.Checkpoints(workdir, read_only=True).all_steps() == [3]
+  run_main(f'--config={CONFIG}', f'--workdir={workdir}', no_periodic, data_dir=data_dir)
+  step_a, state_a = final_params(trained)
+  step_b, state_b = final_params(workdir)
+  assert step_a == step_b == 8
+  import jax
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_loss_stops_with_one_line_and_saves_nothing_nonfinite(tmp_path, data_dir):
+  workdir = str(tmp_path / 'diverged')
+  diverge = ['--config.train.lr_enc=(1e4,1e4)', '--config.train.lr_dec=(1e4,1e4)']
+  proc = run_main(f'--config={CONFIG}', f'--workdir={workdir}', *diverge, data_dir=data_dir,
+                  check=False)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'non-finite loss or gradients in steps' in errors[0]
+  assert 'last good checkpoint: step' in errors[0]
+  step, state = final_params(workdir)
+  import jax
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+  # With skip_nonfinite the run goes on, skipping those updates, and stays finite.
+  skipped = str(tmp_path / 'skipped')
+  run_main(f'--config={CONFIG}', f'--workdir={skipped}', *diverge,
+           '--config.train.skip_nonfinite=True', data_dir=data_dir)
+  step, state = final_params(skipped)
+  assert step == 8
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+  lines = [json.loads(l) for l in open(os.path.join(skipped, 'metrics.jsonl'))]
+  assert max(l.get('train/skipped_steps', 0) for l in lines) >= 1
+
+
+def _truncate_state_files(workdir, step):
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', str(step), 'state')):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 64 and os.sep + 'd' + os.sep in path:  # array data files
+        os.truncate(path, 10)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, trained, data_dir):
+  import shutil
+  workdir = str(tmp_path / 'damaged')
+  shutil.copytree(trained, workdir)
+  _truncate_state_files(workdir, 8)
+  proc = run_main(f'--config={CONFIG}', f'--workdir={workdir}', '--mode=eval', data_dir=data_dir)
+  warnings = proc.stderr.strip().splitlines()
+  assert len(warnings) == 1 and 'checkpoint step 8 cannot be restored' in warnings[0], proc.stderr
+  assert json.load(open(os.path.join(workdir, 'eval_results.json')))['step'] == 7
+  # Resuming trains step 8 again from step 7 and ends where the intact run ended.
+  proc = run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
+  assert proc.stderr.count('cannot be restored') == 1
+  assert os.listdir(os.path.join(workdir, 'checkpoints_corrupt')) == ['8']
+  step_a, state_a = final_params(trained)
+  step_b, state_b = final_params(workdir)
+  assert step_a == step_b == 8
+  import jax
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(tmp_path, trained, data_dir):
+  import shutil
+  workdir = str(tmp_path / 'ruined')
+  shutil.copytree(trained, workdir)
+  for step in (7, 8):
+    _truncate_state_files(workdir, step)
+  before = tree_digest(workdir)
+  for mode in ('eval', 'train'):
+    proc = run_main(f'--config={CONFIG}', f'--workdir={workdir}', f'--mode={mode}',
+                    data_dir=data_dir, check=False)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+    assert len(errors) == 1 and 'no intact checkpoint' in errors[0], proc.stderr
+    assert 'step 8' in errors[0] and 'step 7' in errors[0]
+  assert tree_digest(workdir) == before

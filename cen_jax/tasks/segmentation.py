@@ -20,7 +20,7 @@ from cen_jax import fusion
 from cen_jax import metrics as metrics_lib
 from cen_jax.layers import resize
 from cen_jax.models import build_model, exchange_scales, is_encoder, path_str
-from cen_jax.train import AXIS, TrainState
+from cen_jax.train import AXIS, TrainState, all_finite
 
 BATCH_KEYS = ('mask',)
 BEST_METRIC = 'ensemble_miou'
@@ -178,6 +178,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
 
   names = output_names(config)
   scalars = {f'loss/{n}': ce[i] for i, n in enumerate(names)}
+  scalars['finite'] = all_finite(grads, ce)
   scalars['loss/l1'] = jnp.asarray(l1, jnp.float32)
   scalars['loss/total'] = jnp.sum(ce) + l1_weight * scalars['loss/l1']
   scalars['lr/encoder'] = lr_enc

@@ -65,4 +65,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual_dir, list_path):
     yield from rgbd_files.generate_examples(
-        manual_dir, list_path, check=rgbd_files.check_not_smaller_than_mask)
+        manual_dir, list_path, num_classes=NUM_CLASSES,
+        check=rgbd_files.check_not_smaller_than_mask)

@@ -69,4 +69,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             for split in ('train', 'test')}
 
   def _generate_examples(self, manual_dir, list_path):
-    yield from rgbd_files.generate_examples(manual_dir, list_path, mask_fallback=True)
+    yield from rgbd_files.generate_examples(manual_dir, list_path, num_classes=NUM_CLASSES,
+                                            mask_fallback=True)
