@@ -558,3 +558,61 @@ def test_checkpoint_errors():
                      match=r"'conv1.conv.module.weight' has shape \(8, 3, 4, 4\) but the "
                            r"model expects \(4, 3, 4, 4\)"):
     torch_io.import_generator(sd_g8, template)
+
+
+def test_gradient_parity():
+  """Gradients of an official-style loss (L1 of every branch and of the ensemble, plus the D
+  scores) match torch's autograd through the in-place activations and the exchange."""
+  torch = _torch()
+  ref = _reference()
+  m, ngf, size, num_downs = 2, 4, 32, 5
+  tg = ref.Generator(m, num_filter=ngf, num_downs=num_downs, threshold=THR, drop_rate=0.0)
+  td = ref.Discriminator(num_filter=4)
+  _randomize_torch(tg, seed=21)
+  _randomize_torch(td, seed=22)
+  gen, dis = Generator(ngf=ngf, num_downs=num_downs, threshold=THR), Discriminator(ndf=4)
+  g_vars = torch_io.import_generator(_state_dict_numpy(tg), g_shapes(m, ngf, num_downs, size))
+  x, target = images(m, 2, size, seed=23), images(1, 2, size, seed=24)[0]
+  d_vars = torch_io.import_discriminator(_state_dict_numpy(td), jax.eval_shape(
+      lambda: dis.init(jax.random.key(0), x, x, train=False)))
+
+  def loss_fn(g_params, d_params):
+    out, _ = gen.apply({'params': g_params, 'batch_stats': g_vars['batch_stats']}, x,
+                       train=True, deterministic=True, mutable=['batch_stats'])
+    l1 = sum(jnp.mean(jnp.abs(out['branches'][i] - target)) for i in range(m))
+    l1 = l1 + jnp.mean(jnp.abs(out['ensemble'] - target))
+    logits, _ = dis.apply({'params': d_params, 'batch_stats': d_vars['batch_stats']}, x,
+                          out['branches'], train=True, mutable=['batch_stats'])
+    return l1 + jnp.mean(jax.nn.sigmoid(logits))
+
+  g_grads, d_grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(g_vars['params'],
+                                                                 d_vars['params'])
+  to_t = lambda a: torch.from_numpy(np.array(a).transpose(0, 3, 1, 2))
+  tg.train()
+  td.train()
+  outs, _ = tg([to_t(x[i]) for i in range(m)])
+  t_target = to_t(target)
+  loss = sum(torch.mean(torch.abs(o - t_target)) for o in outs)
+  scores = td([to_t(x[i]) for i in range(m)], outs[:m])
+  loss = loss + torch.mean(torch.stack([s.mean() for s in scores]))
+  loss.backward()
+  worst = 0.0
+  for module, grads, export in ((tg, g_grads, torch_io.export_generator),
+                                (td, d_grads, torch_io.export_discriminator)):
+    stats = (g_vars if module is tg else d_vars)['batch_stats']
+    ours = export({'params': grads, 'batch_stats': stats})
+    # Biases of convs followed by an InstanceNorm have zero gradient up to rounding: those are
+    # checked to be ~0 against the module's gradient scale, the rest against their own.
+    scale = max(p.grad.abs().max().item() for p in module.parameters() if p.grad is not None)
+    for name, param in module.named_parameters():
+      if param.grad is None:  # never-applied norms: no gradient in torch, zero in JAX
+        assert np.abs(ours[name]).max() == 0.0, name
+        continue
+      expected = param.grad.numpy()
+      if np.abs(expected).max() < 1e-4 * scale:  # zero up to rounding in torch: so in JAX
+        assert np.abs(ours[name]).max() < 1e-4 * scale, name
+        continue
+      err = np.abs(ours[name] - expected).max() / np.abs(expected).max()
+      worst = max(worst, err)
+      assert err < 1e-4, (name, err)
+  print('gradient parity: worst max|err|/max|grad| over all parameters', worst)
