@@ -8,7 +8,7 @@
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -50,12 +50,13 @@ class SharedConv(nn.Module):
   padding: int = 0
   use_bias: bool = False
   dtype: Dtype = jnp.float32
+  kernel_init: Callable = torch_conv_kernel_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_features = x.shape[-1]
     k = self.kernel_size
-    kernel = self.param('kernel', torch_conv_kernel_init, (k, k, in_features, self.features))
+    kernel = self.param('kernel', self.kernel_init, (k, k, in_features, self.features))
     kernel = kernel.astype(self.dtype)
     y = fold(x).astype(self.dtype)
     if k == 1 and self.padding == 0:
@@ -126,6 +127,11 @@ class InstanceNorm(nn.Module):
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
+  # Statistics of the global batch: the running update averages the per-instance statistics
+  # over every device of `axis_name` (equal per-device batches), so data parallel = one device.
+  axis_name: Optional[str] = None
+  # False: normalise with instance statistics but leave the running statistics as they are.
+  update_stats: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -142,11 +148,14 @@ class InstanceNorm(nn.Module):
     else:
       mean = jnp.mean(xf, spatial, keepdims=True)
       var = jnp.mean(jnp.square(xf - mean), spatial, keepdims=True)
-      if self.track_running_stats and not self.is_initializing():
+      if self.track_running_stats and self.update_stats and not self.is_initializing():
         count = np.prod([x.shape[a] for a in spatial])
         unbiased = var * count / max(count - 1, 1)
         batch_mean = jnp.mean(mean.reshape(x.shape[0], features), 0)
         batch_var = jnp.mean(unbiased.reshape(x.shape[0], features), 0)
+        if self.axis_name is not None:
+          batch_mean = jax.lax.pmean(batch_mean, self.axis_name)
+          batch_var = jax.lax.pmean(batch_var, self.axis_name)
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * batch_mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * batch_var
     inv = scale * jax.lax.rsqrt(var + self.epsilon)
@@ -225,3 +234,49 @@ def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
   hi = jax.lax.Precision.HIGHEST
   y = jnp.einsum('oh,...hwc->...owc', mat_h, x, precision=hi)
   return jnp.einsum('pw,...owc->...opc', mat_w, y, precision=hi)
+
+
+def torch_conv_transpose_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default ConvTranspose2d init on our [k, k, C_in, C_out] kernel.
+
+  torch stores the weight as [C_in, C_out, k, k] and takes fan_in from dim 1, i.e.
+  C_out * k * k (not C_in * k * k): U(+-1/sqrt(C_out * k * k)).
+  """
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=-1,
+                                          out_axis=-2)(key, shape, dtype)
+
+
+class SharedConvTranspose(nn.Module):
+  """torch ConvTranspose2d(C_in, features, k, stride, padding) shared by all branches.
+
+  Output size (H - 1) * stride - 2 * padding + k (2H for the pix2pix k=4, s=2, p=1).
+  Parameters: `kernel: [k, k, C_in, C_out]` = torch weight [C_in, C_out, k, k] transposed
+  (2, 3, 0, 1), and `bias: [C_out]` (torch default init: fan_in = C_out * k * k, see above).
+  Computed as the equivalent stride-1 convolution of the stride-dilated input with the
+  spatially flipped kernel.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = torch_conv_transpose_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_features = x.shape[-1]
+    k = self.kernel_size
+    if self.padding > k - 1:
+      raise ValueError(f'SharedConvTranspose: padding {self.padding} > kernel_size - 1 = {k - 1}')
+    kernel = self.param('kernel', self.kernel_init, (k, k, in_features, self.features))
+    flipped = kernel[::-1, ::-1].astype(self.dtype)
+    edge = k - 1 - self.padding
+    y = jax.lax.conv_general_dilated(fold(x).astype(self.dtype), flipped, (1, 1),
+                                     ((edge, edge), (edge, edge)),
+                                     lhs_dilation=(self.stride, self.stride),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', torch_conv_bias_init(k * k * self.features), (self.features,))
+      y = y + bias.astype(self.dtype)
+    return unfold(y, x.shape[0])

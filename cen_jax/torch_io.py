@@ -16,6 +16,9 @@ both forms are read. `num_batches_tracked` is ignored on import and written as 0
 torchvision ResNets use the encoder names without '.module' and without '.bn_{m}': each
 ImageNet BN initialises every branch's private BN (the official `expand_model_dict`).
 
+The translation networks (official image2image_translation G and D) have their own map, at
+the end of this file (`import_generator`, `export_generator`, `import_discriminator`, ...).
+
 Every error is a `CheckpointError` (a ValueError) with a one-line message.
 """
 
@@ -176,7 +179,8 @@ class Slot(NamedTuple):
   """One Flax leaf and the torch keys that hold it."""
   collection: str  # 'params' | 'batch_stats'
   path: tuple  # inside the collection
-  kind: str  # 'conv' (kernel transposed), 'bn' (one key per branch), 'bn_shared', 'plain'
+  kind: str  # 'conv', 'deconv' (kernels transposed), 'bn' (one key per branch), 'bn_shared',
+  # 'plain'
   keys: tuple  # torch keys without the DataParallel prefix
   shape: tuple  # the Flax leaf's shape
 
@@ -250,7 +254,10 @@ def slots(variables, style: str = 'cen') -> list:
     for path, leaf in leaves:
       if style == 'torchvision' and path[0] != 'encoder':
         continue
-      out.append(_slot(collection, path, tuple(leaf.shape), siblings[path[:-1]], style))
+      if style in PIX2PIX_STYLES:
+        out.append(_pix2pix_slot(collection, path, tuple(leaf.shape), style))
+      else:
+        out.append(_slot(collection, path, tuple(leaf.shape), siblings[path[:-1]], style))
   return out
 
 
@@ -259,6 +266,9 @@ def torch_shape(slot: Slot) -> tuple:
   if slot.kind == 'conv':
     kh, kw, cin, cout = slot.shape
     return (cout, cin, kh, kw)
+  if slot.kind == 'deconv':
+    kh, kw, cin, cout = slot.shape
+    return (cin, cout, kh, kw)
   if slot.kind in ('bn', 'bn_shared'):
     return slot.shape[1:]
   return slot.shape
@@ -284,7 +294,8 @@ def torch_order(key: str) -> tuple:
 def expected_shapes(variables, style: str = 'cen') -> dict:
   """{torch key (no prefix): shape} the model needs, in torch order."""
   shapes = {key: torch_shape(s) for s in slots(variables, style) for key in s.keys}
-  return dict(sorted(shapes.items(), key=lambda kv: torch_order(kv[0])))
+  order = pix2pix_order if style in PIX2PIX_STYLES else torch_order
+  return dict(sorted(shapes.items(), key=lambda kv: order(kv[0])))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -300,11 +311,14 @@ def _strip(state_dict) -> dict:
   return out
 
 
-def _num_branches(variables) -> int:
-  return int(variables['params']['alpha'].shape[0])
+def _num_branches(variables):
+  alpha = variables['params'].get('alpha')  # the discriminator has none
+  return None if alpha is None else int(alpha.shape[0])
 
 
-def _hint(bare: str, style: str, num_branches: int) -> str:
+def _hint(bare: str, style: str, num_branches) -> str:
+  if style in PIX2PIX_STYLES:
+    return _pix2pix_hint(bare, style, num_branches)
   branch = re.search(r'\.bn_(\d+)\.', bare)
   if style == 'torchvision' and (branch or '.module.' in bare or bare == 'alpha'):
     return ' (an official CEN/AsymFusion segmentation checkpoint? import it with --mode=import)'
@@ -358,6 +372,8 @@ def check_state_dict(state_dict, variables, style: str = 'cen') -> dict:
 def from_torch(slot: Slot, arrays: list) -> np.ndarray:
   if slot.kind == 'conv':
     return arrays[0].transpose(2, 3, 1, 0)
+  if slot.kind == 'deconv':  # [C_in, C_out, kH, kW] -> [kH, kW, C_in, C_out]
+    return arrays[0].transpose(2, 3, 0, 1)
   if slot.kind == 'bn':
     return np.stack(arrays)
   if slot.kind == 'bn_shared':
@@ -369,6 +385,8 @@ def to_torch(slot: Slot, leaf) -> list:
   leaf = np.asarray(leaf)
   if slot.kind == 'conv':
     return [leaf.transpose(3, 2, 0, 1)]
+  if slot.kind == 'deconv':
+    return [leaf.transpose(2, 3, 0, 1)]
   if slot.kind == 'bn':
     return list(leaf)
   return [leaf]
@@ -427,3 +445,136 @@ def export_cen_state_dict(variables) -> dict:
       if s.kind == 'bn' and key.endswith('.running_var'):
         out[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
   return {DP_PREFIX + k: out[k] for k in sorted(out, key=torch_order)}
+
+
+# ----------------------------------------------------------------------------- translation
+# Official CEN image2image_translation checkpoints (`torch.save(G.state_dict())`,
+# checkpoint-gen.pkl; `D.state_dict()`, checkpoint-dis.pkl), no DataParallel prefix:
+#   conv{k}/conv/kernel, bias              conv{k}.conv.module.weight, .bias   (O,I,kH,kW)
+#   conv{k}/insnorm_conv/scale, bias [M,C] conv{k}.insnorm_conv.insnorm_{m}.weight, .bias
+#   batch_stats .../mean, var [M, C]       ...insnorm_{m}.running_mean, .running_var
+#   deconv{k}/deconv/kernel, bias          deconv{k}.deconv.module.weight, .bias (I,O,kH,kW)
+#   deconv{k}/insnorm_deconv/...           deconv{k}.insnorm_deconv.insnorm_{m}.*
+#   alpha [M]                              alpha
+#   D: conv{k}/conv/..., conv{k}/insnorm/scale, bias, batch_stats mean, var [C]
+#                                          conv{k}.conv.module.*, conv{k}.insnorm.module.*
+# num_batches_tracked is ignored on import and written as 0 on export (momentum is set, so
+# torch never reads it).
+
+PIX2PIX_STYLES = ('pix2pix_g', 'pix2pix_d')
+PRIVATE_IN = ('insnorm_conv', 'insnorm_deconv')
+_LEAF_ORDER = {'weight': 0, 'bias': 1, 'running_mean': 2, 'running_var': 3,
+               'num_batches_tracked': 4}
+
+
+def _pix2pix_slot(collection, path, shape, style) -> Slot:
+  where = f'{collection}/{"/".join(path)}'
+  if collection == 'params' and path == ('alpha',) and style == 'pix2pix_g':
+    return Slot(collection, path, 'plain', ('alpha',), shape)
+  if len(path) == 3:
+    block, layer, leaf = path
+    if collection == 'params' and layer in ('conv', 'deconv') and leaf in ('kernel', 'bias'):
+      kind = (layer if leaf == 'kernel' else 'plain')
+      torch_leaf = 'weight' if leaf == 'kernel' else 'bias'
+      return Slot(collection, path, kind, (f'{block}.{layer}.module.{torch_leaf}',), shape)
+    if layer in PRIVATE_IN and leaf in BN_NAMES and len(shape) == 2:
+      keys = tuple(f'{block}.{layer}.insnorm_{m}.{BN_NAMES[leaf]}' for m in range(shape[0]))
+      return Slot(collection, path, 'bn', keys, shape)
+    if layer == 'insnorm' and leaf in BN_NAMES and len(shape) == 1:
+      return Slot(collection, path, 'plain', (f'{block}.insnorm.module.{BN_NAMES[leaf]}',),
+                  shape)
+  raise CheckpointError(f'no PyTorch name for model variable {where}')
+
+
+def _pix2pix_rank(part: str) -> tuple:
+  block = re.fullmatch(r'(de)?conv(\d+)', part)
+  if block:
+    return (2 if block[1] else 1, int(block[2]))
+  branch = re.fullmatch(r'insnorm_(\d+)', part)
+  if branch:
+    return (0, int(branch[1]))
+  if part in _LEAF_ORDER:
+    return (0, _LEAF_ORDER[part])
+  if part in ('insnorm',) + PRIVATE_IN:
+    return (1, 0)
+  return (0, 0)  # 'alpha' (a module's own parameter comes first), 'conv', 'deconv', 'module'
+
+
+def pix2pix_order(key: str) -> tuple:
+  """Sort key that puts translation state_dict keys in torch's `state_dict()` order."""
+  return tuple(_pix2pix_rank(part) for part in key.split('.'))
+
+
+def _pix2pix_hint(bare: str, style: str, num_branches) -> str:
+  if re.search(r'\.insnorm_\d+\.', bare) or bare == 'alpha':
+    return f' (the model has {num_branches} modalities)'
+  if re.fullmatch(r'(de)?conv\d+\.\w+\.\w+\.\w+', bare):
+    return ' (another ngf/ndf, or num_downs (log2 of config.data.crop_size)?)'
+  return ''
+
+
+def _check_network(state_dict, style) -> None:
+  """A generator checkpoint has 'alpha' and private norms; a discriminator has neither."""
+  bare = [key.removeprefix(DP_PREFIX) for key in state_dict]
+  is_generator = 'alpha' in bare or any('.insnorm_conv.' in key for key in bare)
+  if style == 'pix2pix_g' and not is_generator and any('.insnorm.module.' in k for k in bare):
+    raise CheckpointError('checkpoint is a discriminator state_dict (conv*.insnorm.module keys, '
+                          'no alpha): checkpoint-dis.pkl goes to import_discriminator')
+  if style == 'pix2pix_d' and is_generator:
+    raise CheckpointError('checkpoint is a generator state_dict (it has alpha / insnorm_conv '
+                          'keys): checkpoint-gen.pkl goes to import_generator')
+
+
+def import_generator(state_dict, variables) -> dict:
+  """An official translation generator state_dict (checkpoint-gen.pkl) into `variables`
+  ({'params', 'batch_stats'}, arrays or jax.ShapeDtypeStruct). Every leaf must be found and
+  every key used (num_batches_tracked excepted); returns new variables with numpy leaves."""
+  _check_network(state_dict, 'pix2pix_g')
+  return _import(state_dict, variables, 'pix2pix_g')
+
+
+def import_discriminator(state_dict, variables) -> dict:
+  """An official translation discriminator state_dict (checkpoint-dis.pkl) into `variables`."""
+  _check_network(state_dict, 'pix2pix_d')
+  return _import(state_dict, variables, 'pix2pix_d')
+
+
+def _export(variables, style) -> 'OrderedDict':
+  from collections import OrderedDict
+  flat = {}
+  for collection in ('params', 'batch_stats'):
+    flat.update({(collection,) + path: leaf for path, leaf in _flatten(variables[collection])})
+  out = {}
+  for s in slots(variables, style):
+    for key, array in zip(s.keys, to_torch(s, flat[(s.collection,) + s.path])):
+      out[key] = array
+      if key.endswith('.running_var'):
+        out[key[:-len('running_var')] + 'num_batches_tracked'] = np.zeros((), np.int64)
+  return OrderedDict((k, out[k]) for k in sorted(out, key=pix2pix_order))
+
+
+def export_generator(variables) -> 'OrderedDict':
+  """The official `G.state_dict()` {key: np.ndarray}, in torch order, no 'module.' prefix."""
+  return _export(variables, 'pix2pix_g')
+
+
+def export_discriminator(variables) -> 'OrderedDict':
+  """The official `D.state_dict()` {key: np.ndarray}, in torch order."""
+  return _export(variables, 'pix2pix_d')
+
+
+def save_state_dict(path, state_dict) -> None:
+  """torch.save of a plain state_dict of numpy arrays (the official .pkl files; needs torch)."""
+  torch = _import_torch(path)
+  from collections import OrderedDict
+  tensors = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())
+  with atomic_write(path, 'wb') as f:
+    torch.save(tensors, f)
+
+
+def save_generator(path, variables) -> None:
+  save_state_dict(path, export_generator(variables))
+
+
+def save_discriminator(path, variables) -> None:
+  save_state_dict(path, export_discriminator(variables))

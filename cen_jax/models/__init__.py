@@ -1,4 +1,5 @@
-"""Model construction from a config, and pure functions over the model's parameter tree."""
+"""Model construction from a config (segmentation: `build_model`; translation:
+`build_translation_models`), and pure functions over the models' parameter trees."""
 
 import re
 
@@ -7,11 +8,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from cen_jax import config as config_lib
+from cen_jax.models.pix2pix import Discriminator, Generator
 from cen_jax.models.refinenet import Segmenter
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Path (joined with '/') of the scale of every norm that exchanges: bn2 of each bottleneck.
 EXCHANGE_SCALE_PATH = re.compile(r'^encoder/layer\d+_\d+/bn2/scale$')
+# Translation: every encoder InstanceNorm scale, conv1..convN (the official slim list).
+TRANSLATION_SCALE_PATH = re.compile(r'^conv(\d+)/insnorm_conv/scale$')
+MIN_TRANSLATION_SIZE = 32  # the PatchGAN's three stride-2 and two 4x4 stride-1 convs
 
 
 def build_model(config: ml_collections.ConfigDict, *, axis_name=None) -> Segmenter:
@@ -23,6 +28,52 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name=None) -> Segment
       threshold=m.threshold, stem_width=m.stem_width, widths=tuple(m.widths),
       decoder_widths=tuple(m.decoder_widths), dropout=m.dropout, frozen_bn=m.frozen_bn,
       bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, axis_name=axis_name, dtype=DTYPES[m.dtype])
+
+
+def translation_num_downs(config: ml_collections.ConfigDict) -> int:
+  """U-Net depth: config.model.num_downs, or log2(config.data.crop_size) when it is 0."""
+  size, num_downs = config.data.crop_size, config.model.num_downs
+  if num_downs == 0:
+    if size < MIN_TRANSLATION_SIZE or size & (size - 1):
+      raise ValueError(f'config.data.crop_size={size}: expected a power of two >= '
+                       f'{MIN_TRANSLATION_SIZE} (the U-Net depth is log2 of it), or set '
+                       f'config.model.num_downs')
+    return size.bit_length() - 1
+  if num_downs < 3 or size < MIN_TRANSLATION_SIZE or size % 2 ** num_downs:
+    raise ValueError(f'config.data.crop_size={size} with config.model.num_downs={num_downs}: '
+                     f'expected num_downs >= 3 and crop_size >= {MIN_TRANSLATION_SIZE} '
+                     f'divisible by 2^num_downs')
+  return num_downs
+
+
+def build_translation_models(config: ml_collections.ConfigDict, *,
+                             axis_name=None) -> tuple[Generator, Discriminator]:
+  """(Generator, Discriminator) of the official CEN translation recipe (translation_config)."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f'config.model.dtype={m.dtype!r}: expected one of {sorted(DTYPES)}')
+  if m.fusion not in ('cen', 'none'):
+    raise ValueError(f'config.model.fusion={m.fusion!r}: expected one of (\'cen\', \'none\') '
+                     f'for translation')
+  dtype = DTYPES[m.dtype]
+  generator = Generator(
+      ngf=m.ngf, num_downs=translation_num_downs(config), fusion=m.fusion,
+      threshold=m.threshold, dropout=m.dropout, in_momentum=m.in_momentum, in_eps=m.in_eps,
+      axis_name=axis_name, dtype=dtype)
+  discriminator = Discriminator(ndf=m.ndf, in_momentum=m.in_momentum, in_eps=m.in_eps,
+                                axis_name=axis_name, dtype=dtype)
+  return generator, discriminator
+
+
+def translation_exchange_scales(g_params) -> list:
+  """The [M, C] scale of every encoder InstanceNorm, conv1..convN in module order, including
+  the never-applied conv1 and convN norms: the official slim list. With `fusion.l1_penalty`
+  this is the official slim penalty (for M = 2, insnorm_0 -> first half of the channels,
+  insnorm_1 -> second half, exactly `fusion.sparsity_masks`)."""
+  flat = jax.tree_util.tree_flatten_with_path(g_params)[0]
+  found = [(int(match[1]), leaf) for path, leaf in flat
+           if (match := TRANSLATION_SCALE_PATH.match(path_str(path)))]
+  return [leaf for _, leaf in sorted(found, key=lambda item: item[0])]
 
 
 def path_str(path) -> str:
