@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Set up the environment and train + evaluate the demo CEN on the embedded synthetic RGB-D data.
+# Set up the environment and train + evaluate a demo on the embedded synthetic data:
+#   bash scripts/demo.sh                                  RGB-D segmentation (configs/demo.py)
+#   bash scripts/demo.sh configs/demo_translation.py      multi-domain translation
+# Extra arguments go to main.py (e.g. --config.train.batch_size=4).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/venv.sh"
 cd "$ROOT"
-python main.py --config configs/demo.py --workdir "${WORKDIR:-workdirs/demo}" "$@"
+CONFIG=configs/demo.py
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then CONFIG="$1"; shift; fi
+NAME="$(basename "$CONFIG" .py)"
+python main.py --config "$CONFIG" --workdir "${WORKDIR:-workdirs/$NAME}" "$@"

@@ -1,4 +1,4 @@
-"""A tiny CEN config shared by the training tests (CPU-fast)."""
+"""Tiny configs shared by the training tests (CPU-fast)."""
 
 from cen_jax import config as config_lib
 
@@ -20,5 +20,22 @@ def tiny_config(**model_overrides):
   config.train.stage_epochs = (1, 1)
   config.train.lr_enc = (0.05, 0.01)
   config.train.lr_dec = (0.1, 0.02)
+  config.train.l1_lambda = 1e-2
+  return config
+
+
+def tiny_translation_config():
+  """A tiny CEN translator: 2 input domains, 32x32 images (5 U-Net levels), widths 4."""
+  config = config_lib.translation_config()
+  config.modalities = ('reshading', 'edge_texture')
+  config.data.target = 'rgb'
+  config.data.crop_size = 32  # the PatchGAN needs >= 32
+  config.data.load_size = 36
+  m = config.model
+  m.ngf = 4
+  m.ndf = 4
+  m.threshold = 0.5
+  config.train.batch_size = 8
+  config.train.num_epochs = 2
   config.train.l1_lambda = 1e-2
   return config

@@ -1,0 +1,378 @@
+"""Multi-domain image translation (pix2pix with channel exchange): the task the shared runner
+(cen_jax/train.py) drives for `config.task = 'translation'`.
+
+Official recipe (yikaiw/CEN image2image_translation/main.py; papers.md §1.1(i), §1.2): one
+generator whose M branches (one per input domain) share every convolution, keep private
+InstanceNorm and exchange channels by its scales; one PatchGAN discriminator shared by all
+branches. Each step trains D, then G against the updated D:
+
+  D loss = sum_m 0.5 * (BCE(D(x_m, y), 1) + BCE(D(x_m, G_m), 0))
+  G loss = sum_m BCE(D(x_m, G_m), 1) + l1_weight * sum_{o in branches + ensemble} L1(o, y)
+           + l1_lambda * sum |partitioned encoder IN scales|        (counted once)
+
+with G run twice per step (once for D's fake images, once for its own loss; independent dropout
+masks, as the official two forward passes), Adam(lr 2e-4, betas (0.5, 0.999)) for both. Every
+loss is a mean over the *global* batch, so a data-parallel step equals one device.
+
+Evaluation follows the official (and pix2pix) convention: G normalises with instance statistics
+and keeps dropout on (`config.model.test_dropout=False` turns it off); its dropout masks come
+from a key fixed by (seed, batch index), so an evaluation is reproducible. Metrics per branch
+and ensemble: L1 (mean |output - target| on [-1, 1]) and RMSE (root of the mean per-image
+MSE), as the official logs them.
+"""
+
+import collections
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cen_jax import fusion
+from cen_jax.train import AXIS, TrainState, all_finite
+
+BATCH_KEYS = ('target',)
+BEST_METRIC = 'ensemble_l1'
+BEST_MODE = 'min'
+RESULT_DIGITS = 4
+
+Models = collections.namedtuple('Models', ['generator', 'discriminator'])
+NETS = ('generator', 'discriminator')
+
+
+# ----------------------------------------------------------------------------- config, model
+
+def check_config(config):
+  if config.model.fusion not in ('cen', 'none'):
+    raise ValueError(f"config.model.fusion={config.model.fusion!r}: translation supports 'cen' "
+                     f"or 'none'")
+  if config.data.target in config.modalities:
+    raise ValueError(f'config.data.target={config.data.target!r} is also an input domain '
+                     f'(config.modalities={list(config.modalities)})')
+
+
+def build(config, *, axis_name=AXIS) -> Models:
+  from cen_jax import models
+  return Models(*models.build_translation_models(config, axis_name=axis_name))
+
+
+def image_shape(config) -> tuple:
+  size = int(config.data.crop_size)
+  return (size, size, 3)
+
+
+def init_variables(config, model: Models, rng):
+  """{'params': {'generator', 'discriminator'}, 'batch_stats': {...}}: N(0, 0.02) kernels."""
+  x = jnp.zeros((len(config.modalities), 1) + image_shape(config), jnp.float32)
+  rng_g, rng_d = jax.random.split(rng)
+
+  def init(rng_g, rng_d):
+    g = model.generator.init({'params': rng_g, 'dropout': rng_g}, x, train=False,
+                             deterministic=True)
+    d = model.discriminator.init({'params': rng_d}, x, x, train=False)
+    return {'params': {'generator': g['params'], 'discriminator': d['params']},
+            'batch_stats': {'generator': g.get('batch_stats', {}),
+                            'discriminator': d.get('batch_stats', {})}}
+
+  with jax.threefry_partitionable(False):  # fast XLA:CPU compile (see segmentation)
+    return jax.jit(init)(rng_g, rng_d)
+
+
+def initial_state_variables(config, model, rng):
+  return init_variables(config, model, rng)
+
+
+def optimizers(config) -> dict:
+  """Adam for G and for D (torch.optim.Adam defaults otherwise: eps 1e-8, no weight decay)."""
+  t = config.train
+  return {'generator': optax.adam(t.lr_g, b1=t.beta1, b2=t.beta2),
+          'discriminator': optax.adam(t.lr_d, b1=t.beta1, b2=t.beta2)}
+
+
+def reset_optimizer(config, params):
+  return {net: tx.init(params[net]) for net, tx in optimizers(config).items()}
+
+
+def state_from_variables(config, variables) -> TrainState:
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables['batch_stats'],
+                    opt_state=reset_optimizer(config, params))
+
+
+def eval_variables(state) -> dict:
+  """The generator's variables (all that evaluation, predict and the parity checks need)."""
+  return {'params': state.params['generator'], 'batch_stats': state.batch_stats['generator']}
+
+
+def stage_starts(config, steps_per_epoch: int) -> list[int]:
+  """One stage at a constant learning rate (the official schedule)."""
+  return [0, int(config.train.num_epochs) * steps_per_epoch]
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  total = stage_starts(config, steps_per_epoch)[-1]
+  return min(total, config.train.max_steps) if config.train.max_steps > 0 else total
+
+
+def output_names(config) -> list[str]:
+  return list(config.modalities) + ['ensemble']
+
+
+def exchange_scales(generator_params) -> list:
+  from cen_jax import models
+  return models.translation_exchange_scales(generator_params)
+
+
+# ----------------------------------------------------------------------------- GAN step
+
+def stacked_outputs(outputs) -> jax.Array:
+  """[M + 1, N, H, W, 3]: every branch, then the ensemble."""
+  return jnp.concatenate([outputs['branches'], outputs['ensemble'][None]], axis=0)
+
+
+def bce_with_logits_sums(logits, real: bool):
+  """Per branch: summed BCE(sigmoid(logits), 1 if real else 0) over [N, h, w, 1]. The log-sigmoid
+  form of torch's BCELoss on sigmoid outputs (equal until |logit| > 100, where BCELoss clamps)."""
+  log_p = jax.nn.log_sigmoid(logits if real else -logits)
+  return -jnp.sum(log_p.astype(jnp.float32), axis=tuple(range(1, logits.ndim)))
+
+
+def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
+  """One per-device GAN step (D, then G against the updated D); collectives on AXIS.
+
+  batch: {'x': [M, n, S, S, 3] inputs, 'target': [n, S, S, 3]}, both in [-1, 1].
+  """
+  G, D = model
+  t = config.train
+  x, y = batch['x'], batch['target']
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
+                           jax.lax.axis_index(AXIS))
+  rng_d, rng_g = jax.random.split(rng)
+  num_devices = jax.lax.psum(1, AXIS)
+  global_n = jax.lax.psum(x.shape[1], AXIS)
+  targets = jnp.broadcast_to(y[None], x.shape)
+  g_stats, d_stats = state.batch_stats['generator'], state.batch_stats['discriminator']
+  d_params = state.params['discriminator']
+
+  def generate(params, stats, key):
+    out, new = G.apply({'params': params, 'batch_stats': stats}, x, train=True,
+                       deterministic=False, rngs={'dropout': key}, mutable=['batch_stats'])
+    return out, new['batch_stats']
+
+  def discriminate(params, stats, images):
+    logits, new = D.apply({'params': params, 'batch_stats': stats}, x, images, train=True,
+                          mutable=['batch_stats'])
+    return logits, new['batch_stats']
+
+  def patch_mean(sums, logits):  # this device's share of the global mean over N x h x w
+    return sums / (global_n * np.prod(logits.shape[2:]))
+
+  # Discriminator: real pairs, then pairs with G's (fixed) outputs, as the official order.
+  fake_out, g_stats = generate(state.params['generator'], g_stats, rng_d)
+  fake = jax.lax.stop_gradient(fake_out['branches'])
+
+  def d_objective(params):
+    real_logits, stats = discriminate(params, d_stats, targets)
+    fake_logits, stats = discriminate(params, stats, fake)
+    real = patch_mean(bce_with_logits_sums(real_logits, True), real_logits)
+    false = patch_mean(bce_with_logits_sums(fake_logits, False), fake_logits)
+    return jnp.sum(0.5 * (real + false)), (real, false, stats)
+
+  d_grads, (d_real, d_fake, d_stats) = jax.grad(d_objective, has_aux=True)(d_params)
+  d_grads = jax.lax.psum(d_grads, AXIS)
+  d_updates, d_opt = tx['discriminator'].update(d_grads, state.opt_state['discriminator'],
+                                                d_params)
+  d_params = optax.apply_updates(d_params, d_updates)
+
+  # Generator against the updated discriminator.
+  pixels = global_n * np.prod(y.shape[1:])
+  use_slim = config.model.fusion == 'cen' and t.l1_lambda > 0
+
+  def g_objective(params):
+    out, stats = generate(params, g_stats, rng_g)
+    fake_logits, new_d_stats = discriminate(d_params, d_stats, out['branches'])
+    adversarial = patch_mean(bce_with_logits_sums(fake_logits, True), fake_logits)
+    diff = jnp.abs(stacked_outputs(out).astype(jnp.float32) - y[None].astype(jnp.float32))
+    pixel_l1 = jnp.sum(diff, axis=tuple(range(1, diff.ndim))) / pixels  # [M + 1]
+    slim = fusion.l1_penalty(exchange_scales(params)) if use_slim else jnp.zeros(())
+    total = (jnp.sum(adversarial) + t.l1_weight * jnp.sum(pixel_l1)
+             + t.l1_lambda * slim / num_devices)
+    return total, (adversarial, pixel_l1, slim, stats, new_d_stats, out['alpha'])
+
+  g_params = state.params['generator']
+  g_grads, aux = jax.grad(g_objective, has_aux=True)(g_params)
+  adversarial, pixel_l1, slim, g_stats, d_stats, alpha = aux
+  g_grads = jax.lax.psum(g_grads, AXIS)
+  g_updates, g_opt = tx['generator'].update(g_grads, state.opt_state['generator'], g_params)
+  g_params = optax.apply_updates(g_params, g_updates)
+
+  d_real, d_fake, adversarial, pixel_l1 = jax.lax.psum((d_real, d_fake, adversarial, pixel_l1),
+                                                       AXIS)
+  scalars = {'finite': all_finite(d_grads, g_grads, d_real, d_fake, adversarial, pixel_l1),
+             'loss/discriminator': jnp.sum(0.5 * (d_real + d_fake)),
+             'loss/d_real': jnp.sum(d_real), 'loss/d_fake': jnp.sum(d_fake),
+             'loss/g_adversarial': jnp.sum(adversarial), 'loss/slim': slim}
+  for o, name in enumerate(output_names(config)):
+    scalars[f'loss/l1_{name}'] = pixel_l1[o]
+  scalars['loss/total'] = (jnp.sum(adversarial) + t.l1_weight * jnp.sum(pixel_l1)
+                           + t.l1_lambda * slim)  # the generator's objective, as logged
+  for m, name in enumerate(config.modalities):
+    scalars[f'alpha/{name}'] = alpha[m]
+  if config.model.fusion == 'cen':
+    below = fusion.fraction_below_threshold(exchange_scales(g_params), config.model.threshold)
+    for m, name in enumerate(config.modalities):
+      scalars[f'scales_below_threshold/{name}'] = below[m]
+  new_state = TrainState(
+      step=state.step + 1,
+      params={'generator': g_params, 'discriminator': d_params},
+      batch_stats={'generator': g_stats, 'discriminator': d_stats},
+      opt_state={'generator': g_opt, 'discriminator': d_opt})
+  return new_state, scalars
+
+
+def make_train_step(config, model, starts):
+  del starts  # one stage
+  return functools.partial(gan_step, model=model, config=config, tx=optimizers(config))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def generate(variables, x, rng, *, model: Models, config):
+  """Evaluation/predict forward of G: [M + 1, N, S, S, 3] outputs in [-1, 1]."""
+  out = model.generator.apply(variables, x, train=False,
+                              deterministic=not config.model.test_dropout,
+                              rngs={'dropout': rng})
+  return stacked_outputs(out)
+
+
+def eval_step(inputs, batch, *, model, config):
+  """Per output and example: mean |o - y| and mean (o - y)^2 [M + 1, N], and the outputs."""
+  variables, rng = inputs
+  outputs = generate(variables, batch['x'], rng, model=model, config=config)
+  diff = outputs.astype(jnp.float32) - batch['target'][None].astype(jnp.float32)
+  axes = (2, 3, 4)
+  return jnp.mean(jnp.abs(diff), axes), jnp.mean(jnp.square(diff), axes), outputs
+
+
+def make_eval_fn(config, model):
+  from cen_jax import train
+  return train.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
+                             BATCH_KEYS, reduced_outputs=(False, False, False))
+
+
+def eval_key(config, batch_index: int):
+  """The dropout key of eval batch `batch_index` (evaluation is reproducible)."""
+  return jax.random.fold_in(jax.random.key(config.seed + 1), batch_index)
+
+
+def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
+             eval_fn=None) -> dict:
+  """L1 and RMSE of every branch and the ensemble over the whole split (each process its
+  share; sums combined over processes). Writes eval_results.json and a preview."""
+  from cen_jax import input_pipeline, train
+  eval_fn = eval_fn or make_eval_fn(config, model)
+  variables = jax.device_put(variables, eval_fn.replicated)
+  names = output_names(config)
+  sums = np.zeros((2, len(names)), np.float64)  # per output: sum of per-image L1, of MSE
+  count = 0
+  preview = None
+  batches = input_pipeline.eval_iterator(
+      config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for index, batch in enumerate(batches):
+    key = jax.device_put(eval_key(config, index * jax.process_count() + jax.process_index()),
+                         eval_fn.replicated)
+    l1, mse, outputs = eval_fn((variables, key), batch)
+    valid = np.asarray(batch['valid'], bool)
+    l1, mse = np.asarray(l1, np.float64)[:, valid], np.asarray(mse, np.float64)[:, valid]
+    sums += np.stack([l1.sum(1), mse.sum(1)])
+    count += int(valid.sum())
+    if preview is None and config.train.num_previews > 0:
+      preview = preview_image(config, batch, outputs)
+  totals = train.sum_over_processes(np.concatenate([sums.ravel(), [count]]))
+  sums, count = totals[:-1].reshape(sums.shape), max(int(totals[-1]), 1)
+  metrics = {n: {'l1': float(sums[0, o] / count), 'rmse': float(np.sqrt(sums[1, o] / count))}
+             for o, n in enumerate(names)}
+  results = {'step': int(step), 'split': split, 'metrics': metrics}
+  train.write_eval_outputs(config, results, workdir=workdir, writer=writer, preview=preview)
+  return results
+
+
+def best_value(results) -> float:
+  return float(results['metrics']['ensemble']['l1'])
+
+
+def progress_line(results) -> str:
+  return ', '.join(f'{n} L1 {s["l1"]:.4f} RMSE {s["rmse"]:.4f}'
+                   for n, s in results['metrics'].items())
+
+
+def preview_image(config, batch, outputs) -> np.ndarray:
+  """Rows of: each input domain, the target, each output (first examples of a batch)."""
+  from cen_jax import viz
+  outputs = np.asarray(jax.device_get(outputs))
+  rows = []
+  for i in range(min(config.train.num_previews, outputs.shape[1])):
+    if 'valid' in batch and not batch['valid'][i]:
+      continue
+    panels = [(n, viz.to_uint8_image(batch[n][i])) for n in config.modalities]
+    panels.append((f'{config.data.target} (target)', viz.to_uint8_image(batch['target'][i])))
+    panels += [(f'{n} out', viz.to_uint8_image(outputs[o, i]))
+               for o, n in enumerate(output_names(config))]
+    rows.append(viz.captioned_row(panels))
+  return np.concatenate(rows, axis=0) if rows else np.zeros((1, 1, 3), np.uint8)
+
+
+# ----------------------------------------------------------------------------- main.py modes
+
+def summary(config) -> list[str]:
+  """Parameter counts of G and D and the generator's forward GFLOPs, from shapes only."""
+  from cen_jax import models
+  model = build(config, axis_name=None)
+  x = jax.ShapeDtypeStruct((len(config.modalities), 1) + image_shape(config), jnp.float32)
+  variables = jax.eval_shape(lambda: init_variables(config, model, jax.random.key(0)))
+  g_vars = {'params': variables['params']['generator'],
+            'batch_stats': variables['batch_stats']['generator']}
+  forward = jax.jit(lambda v, x: model.generator.apply(v, x, train=False, deterministic=True))
+  cost = forward.lower(g_vars, x).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  size = config.data.crop_size
+  return [f'model: {config.model.fusion} pix2pix generator ngf {config.model.ngf}, '
+          f'discriminator ndf {config.model.ndf}, domains {list(config.modalities)} -> '
+          f'{config.data.target}, input {size}x{size}',
+          f'params: {models.count_params(variables["params"]["generator"])}',
+          f'discriminator params: {models.count_params(variables["params"]["discriminator"])}',
+          f'gflops: {cost["flops"] / 1e9:.2f}']
+
+
+def _network_variables(variables, net: str) -> dict:
+  return {'params': variables['params'][net], 'batch_stats': variables['batch_stats'][net]}
+
+
+def import_torch_variables(config, model, generator_path: str,
+                           discriminator_path: str = '') -> dict:
+  """Variables from the official checkpoint-gen.pkl (and checkpoint-dis.pkl; without it the
+  discriminator keeps its fresh initialisation)."""
+  from cen_jax import torch_io
+  variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
+  nets = {'generator': torch_io.import_generator(torch_io.load_state_dict(generator_path),
+                                                 _network_variables(variables, 'generator'))}
+  nets['discriminator'] = (
+      torch_io.import_discriminator(torch_io.load_state_dict(discriminator_path),
+                                    _network_variables(variables, 'discriminator'))
+      if discriminator_path else _network_variables(variables, 'discriminator'))
+  return {c: {net: nets[net][c] for net in NETS} for c in ('params', 'batch_stats')}
+
+
+def export_torch(state, output: str) -> list[str]:
+  """The official checkpoint-gen.pkl and checkpoint-dis.pkl (plain state_dicts) in `output`."""
+  from cen_jax import torch_io
+  state = jax.device_get(state)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  paths = [os.path.join(output, 'checkpoint-gen.pkl'), os.path.join(output, 'checkpoint-dis.pkl')]
+  torch_io.save_generator(paths[0], _network_variables(variables, 'generator'))
+  torch_io.save_discriminator(paths[1], _network_variables(variables, 'discriminator'))
+  return paths

@@ -1,0 +1,12 @@
+"""Baseline for the translation demo: the same network, data and budget from edge_texture only
+(M = 1: nothing to exchange with, so fusion is 'none' and the sparsity term is off)."""
+
+from configs import demo_translation
+
+
+def get_config():
+  config = demo_translation.get_config()
+  config.modalities = ('edge_texture',)
+  config.model.fusion = 'none'
+  config.train.l1_lambda = 0.0
+  return config
