@@ -105,6 +105,18 @@ def fraction_below_threshold(scales_list: Sequence[jax.Array], threshold: float)
   return below / np.maximum(count, 1)
 
 
+def late_ensemble(outputs: jax.Array, alpha: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The learned late ensemble of CEN (papers.md §1.1(e)): sum_m softmax(alpha)_m *
+  stop_gradient(outputs[m]). The branch outputs are detached, so alpha learns only from the
+  ensemble's loss. Returns (ensemble [N, ...], softmax weights [M])."""
+  weights = jax.nn.softmax(alpha)
+  detached = jax.lax.stop_gradient(outputs)
+  ensemble = weights[0] * detached[0]
+  for m in range(1, outputs.shape[0]):
+    ensemble = ensemble + weights[m] * detached[m]
+  return ensemble, weights
+
+
 # ----------------------------------------------------------------------------- AsymFusion
 
 # (dy, dx) per shift group, the official order: out[i, j] = x[i + dy, j + dx], zero outside.

@@ -181,11 +181,7 @@ class Generator(nn.Module):
 
     images = jnp.tanh(out.astype(jnp.float32))
     alpha = self.param('alpha', nn.initializers.ones, (num_branches,))
-    weights = jax.nn.softmax(alpha)
-    detached = jax.lax.stop_gradient(images)
-    ensemble = weights[0] * detached[0]
-    for m in range(1, num_branches):
-      ensemble = ensemble + weights[m] * detached[m]
+    ensemble, weights = fusion_ops.late_ensemble(images, alpha)
     return {'branches': images, 'ensemble': ensemble, 'alpha': weights}
 
 

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cen_jax import fusion
 from cen_jax.layers import SharedConv, max_pool, resize
 from cen_jax.models.resnet import ResNetEncoder
 
@@ -109,9 +110,5 @@ class Segmenter(nn.Module):
     logits = conv3x3(self.num_classes, 'clf_conv', use_bias=True, dtype=dt)(x1)
     logits = logits.astype(jnp.float32)
     alpha = self.param('alpha', nn.initializers.ones, (num_branches,))
-    weights = jax.nn.softmax(alpha)
-    detached = jax.lax.stop_gradient(logits)
-    ensemble = weights[0] * detached[0]
-    for m in range(1, num_branches):
-      ensemble = ensemble + weights[m] * detached[m]
+    ensemble, weights = fusion.late_ensemble(logits, alpha)
     return {'branches': logits, 'ensemble': ensemble, 'alpha': weights}
