@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cen_jax import models
-from tests.test_train_step import random_batch, run_steps
+from tests.test_train_step import random_batch, run_steps, total_losses
 from tests.tiny import tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multiprocess_worker.py')
@@ -37,10 +37,10 @@ def test_two_processes_match_one(tmp_path, parallel):
 
   config = tiny_config()
   batches = [random_batch(config, 8, seed=s) for s in range(2)]
-  state, losses = run_steps(config, jax.devices()[:1], batches)
+  state, scalars = run_steps(config, jax.devices()[:1], batches)
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
   assert set(got.files) - {'loss'} == {models.path_str(p) for p, _ in flat}
   for path, value in flat:
     np.testing.assert_allclose(got[models.path_str(path)], np.asarray(value),
                                rtol=2e-5, atol=2e-6, err_msg=models.path_str(path))
-  np.testing.assert_allclose(float(got['loss']), losses[-1], rtol=1e-5)
+  np.testing.assert_allclose(float(got['loss']), total_losses(scalars)[-1], rtol=1e-5)

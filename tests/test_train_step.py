@@ -21,15 +21,20 @@ def random_batch(config, batch, size=(20, 24), seed=0):
 
 
 def run_steps(config, devices, batches):
+  """(final state, [host scalars of each step]) of the configured task's runner."""
   model = train.build(config)
   starts = train.stage_starts(config, steps_per_epoch=2)
   runner = train.Runner(config, model, starts, devices=devices)
   state = runner.place_state(train.create_state(config, model, jax.random.key(0)))
-  losses = []
+  scalars = []
   for batch in batches:
-    state, scalars = runner.step(state, batch)
-    losses.append(float(scalars['loss/total']))
-  return jax.device_get(state), losses
+    state, step_scalars = runner.step(state, batch)
+    scalars.append(jax.device_get(step_scalars))
+  return jax.device_get(state), scalars
+
+
+def total_losses(scalars):
+  return [float(s['loss/total']) for s in scalars]
 
 
 def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -46,10 +51,10 @@ def test_data_parallel_step_equals_single_device(parallel):
   config = tiny_config()
   batches = [random_batch(config, 8, seed=s) for s in range(2)]
   config.train.parallel = 'pmap'
-  single, single_losses = run_steps(config, jax.devices()[:1], batches)
+  single, single_scalars = run_steps(config, jax.devices()[:1], batches)
   config.train.parallel = parallel
-  multi, multi_losses = run_steps(config, jax.devices(), batches)
-  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  multi, multi_scalars = run_steps(config, jax.devices(), batches)
+  np.testing.assert_allclose(total_losses(multi_scalars), total_losses(single_scalars), rtol=1e-5)
   assert int(multi.step) == int(single.step) == 2
   assert_trees_close(multi.params, single.params)
   assert_trees_close(multi.batch_stats, single.batch_stats)
@@ -92,8 +97,8 @@ def test_loss_matches_hand_computation():
   config.train.lr_enc = (0.0, 0.0)
   config.train.lr_dec = (0.0, 0.0)
   config.model.frozen_bn = True  # eval-mode BN, so the forward above is the training forward
-  _, losses = run_steps(config, jax.devices()[:1], [batch])
-  np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+  _, scalars = run_steps(config, jax.devices()[:1], [batch])
+  np.testing.assert_allclose(total_losses(scalars)[0], expected, rtol=1e-5)
 
 
 def test_stage_learning_rates_and_boundaries():

@@ -9,7 +9,7 @@ import pytest
 
 from cen_jax import fusion, train
 from cen_jax.tasks import translation
-from tests.test_train_step import assert_trees_close
+from tests.test_train_step import run_steps
 from tests.tiny import tiny_translation_config
 
 
@@ -36,18 +36,6 @@ def random_batch(config, batch, seed=0):
          for n in config.modalities}
   out['target'] = np.tanh(rng.randn(batch, size, size, 3)).astype(np.float32)
   return out
-
-
-def run_steps(config, devices, batches):
-  model = train.build(config)
-  starts = train.stage_starts(config, steps_per_epoch=2)
-  runner = train.Runner(config, model, starts, devices=devices)
-  state = runner.place_state(train.create_state(config, model, jax.random.key(0)))
-  scalars = []
-  for batch in batches:
-    state, s = runner.step(state, batch)
-    scalars.append(jax.device_get(s))
-  return jax.device_get(state), scalars
 
 
 @pytest.mark.parametrize('parallel', ['pmap', 'shard_map'])
