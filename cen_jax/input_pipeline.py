@@ -70,7 +70,7 @@ from typing import Iterator
 import numpy as np
 
 PAD_VALUES = (123.675, 116.28, 103.53)  # official Pad value for every input (ImageNet mean * 255)
-DATASETS = ('nyudv2', 'sunrgbd', 'synthetic_scenes')
+DATASETS = ('nyudv2', 'sunrgbd', 'synthetic_scenes', 'synthetic_domains', 'taskonomy')
 SHAPES_FILE = 'cen_eval_shapes.json'  # per-split mask shapes, written by prepare()
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,9 +218,12 @@ def _read_only_builder(directory: str):
 
 
 def _write_shapes(directory: str) -> None:
-  """Store every example's mask shape so eval batching needs no full decode."""
+  """Store every example's mask shape so eval batching needs no full decode (segmentation
+  datasets; translation examples are all resized to one size)."""
   shapes = {}
   builder = _read_only_builder(directory)
+  if 'mask' not in builder.info.features:
+    return
   for split in builder.info.splits:
     src = _Source(directory, split, skip_rgb=True)
     shapes[split] = [list(src[i]['mask'].shape) for i in range(len(src))]
@@ -411,7 +414,11 @@ def denormalize_rgb(config, x) -> np.ndarray:
 
 
 def to_display_image(config, modality: str, x) -> np.ndarray:
-  """uint8 HxWx3 preview of one normalised input (rgb de-normalised; others min-max grey)."""
+  """uint8 HxWx3 preview of one normalised input (rgb de-normalised; others min-max grey;
+  translation images from [-1, 1])."""
+  if _is_translation(config):
+    from cen_jax import viz
+    return viz.to_uint8_image(x)
   if modality == 'rgb':
     return denormalize_rgb(config, x)
   x = np.asarray(x, np.float64)
@@ -434,13 +441,61 @@ def _uint(x) -> int:
   return int(x) % (1 << 63)
 
 
+class _SegmentationTrain:
+  """A stored example -> the official segmentation training example (picklable)."""
+
+  def __init__(self, config):
+    d = config.data
+    self.modalities = tuple(config.modalities)
+    self.aug = dict(align=_align_mode(config), crop_size=int(d.crop_size),
+                    shorter_side=int(d.shorter_side), low_scale=float(d.low_scale),
+                    high_scale=float(d.high_scale), ignore_label=int(d.ignore_label))
+    self.norm_config = _NormConfig(config)
+
+  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+    return normalise(self.norm_config, augment(read_inputs(raw, self.modalities), rng=rng,
+                                               **self.aug))
+
+
+class _SegmentationEval:
+  """A stored example -> the official evaluation input (aligned, normalised, full size)."""
+
+  def __init__(self, config):
+    self.modalities = tuple(config.modalities)
+    self.align = _align_mode(config)
+    self.norm_config = _NormConfig(config)
+    self.fill = {'mask': int(config.data.ignore_label)}  # padding examples
+
+  def __call__(self, raw: dict) -> dict:
+    return normalise(self.norm_config, align_to_mask(read_inputs(raw, self.modalities),
+                                                     self.align))
+
+
+def _is_translation(config) -> bool:
+  return config.get('task', 'segmentation') == 'translation'
+
+
+def _train_sample(config):
+  """The task's per-example training transform: (stored example, rng) -> example."""
+  if _is_translation(config):
+    from cen_jax import translation_data
+    return translation_data.TrainSample(config)
+  return _SegmentationTrain(config)
+
+
+def _eval_sample(config):
+  if _is_translation(config):
+    from cen_jax import translation_data
+    return translation_data.EvalSample(config)
+  return _SegmentationEval(config)
+
+
 class _TrainElement:
   """Local stream position i -> augmented, normalised example (picklable, runs in workers)."""
 
   def __init__(self, config, source: _Source, *, seed: int, process_index: int,
                process_count: int, num_records: int):
-    d = config.data
-    self.modalities = tuple(config.modalities)
+    self.sample = _train_sample(config)
     self.source = source
     self.seed = _uint(seed)
     self.global_batch = int(config.train.batch_size)
@@ -448,10 +503,6 @@ class _TrainElement:
     self.process_index = process_index
     self.num_records = num_records
     self.steps_per_epoch = num_records // self.global_batch
-    self.aug = dict(align=_align_mode(config), crop_size=int(d.crop_size),
-                    shorter_side=int(d.shorter_side), low_scale=float(d.low_scale),
-                    high_scale=float(d.high_scale), ignore_label=int(d.ignore_label))
-    self.norm_config = _NormConfig(config)
     self._perms: dict = {}
 
   def permutation(self, epoch: int) -> np.ndarray:
@@ -472,8 +523,7 @@ class _TrainElement:
   def __call__(self, i, _=None) -> dict:
     epoch, index = self.record(i)
     rng = np.random.default_rng([self.seed, 1, epoch, index])
-    example = read_inputs(self.source[index], self.modalities)
-    return normalise(self.norm_config, augment(example, rng=rng, **self.aug))
+    return self.sample(self.source[index], rng)
 
 
 class _NormConfig:
@@ -618,21 +668,17 @@ def eval_batches(shapes, batch_size: int, process_index: int = 0,
 
 class _EvalBatch:
   def __init__(self, config, source: _Source, batch_size: int):
-    self.modalities = tuple(config.modalities)
+    self.sample = _eval_sample(config)
     self.source = source
     self.batch_size = batch_size
-    self.align = _align_mode(config)
-    self.ignore_label = int(config.data.ignore_label)
-    self.norm_config = _NormConfig(config)
 
   def __call__(self, indices) -> dict:
-    examples = [normalise(self.norm_config, align_to_mask(
-        read_inputs(self.source[i], self.modalities), self.align)) for i in indices]
+    examples = [self.sample(self.source[i]) for i in indices]
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     pad = self.batch_size - len(examples)
     if pad:
       for k, v in batch.items():
-        fill = self.ignore_label if k == 'mask' else 0
+        fill = self.sample.fill.get(k, 0)
         batch[k] = np.concatenate([v, np.full((pad,) + v.shape[1:], fill, v.dtype)])
     batch['valid'] = np.arange(self.batch_size) < len(examples)
     batch['index'] = np.concatenate([np.asarray(indices, np.int32),
@@ -650,7 +696,10 @@ def eval_iterator(config, split: str, *, batch_size: int, process_index: int = 0
   """
   import grain
   directory = prepare(config)
-  shapes = _mask_shapes(directory, split)
+  if _is_translation(config):  # every example is resized to crop_size: one shape
+    shapes = [()] * num_examples(config, split)
+  else:
+    shapes = _mask_shapes(directory, split)
   chunks = eval_batches(shapes, batch_size, process_index, process_count)
   if not chunks:
     return iter(())

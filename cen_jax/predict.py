@@ -89,9 +89,11 @@ def _display_image(config, inputs: dict) -> np.ndarray:
   return input_pipeline.to_display_image(config, modality, inputs[modality])
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray) -> str:
+  """np.save through a temp file + rename (no half-written file); returns the path."""
   with atomic_write(path, 'wb') as f:
     np.save(f, array)
+  return path
 
 
 def _predict_one(config, predict_fn, variables, paths, output_dir, save_logits) -> list:
@@ -108,7 +110,7 @@ def _predict_one(config, predict_fn, variables, paths, output_dir, save_logits) 
     logits['ensemble'] = ensemble[0]
     for name, array in logits.items():
       path = os.path.join(output_dir, f'{stem}_{name}.npy')
-      _save_npy(path, np.asarray(array, np.float32))
+      save_npy(path, np.asarray(array, np.float32))
       written.append(path)
   return written
 

@@ -376,3 +376,34 @@ def export_torch(state, output: str) -> list[str]:
   torch_io.save_generator(paths[0], _network_variables(variables, 'generator'))
   torch_io.save_discriminator(paths[1], _network_variables(variables, 'discriminator'))
   return paths
+
+
+def predict(config, model, variables, inputs, output, *, save_logits=False) -> list:
+  """Translate one image per input domain (or the matching files of one folder per domain):
+  writes <stem>_<output>.png for every branch and the ensemble, and with save_logits the raw
+  generator outputs <stem>_<output>.npy (float32 [S, S, 3] in [-1, 1]). Inputs are read as the
+  dataset's files (Taskonomy: the official per-domain preprocessing) and resized to crop_size
+  as in evaluation."""
+  from cen_jax import predict as predict_lib
+  from cen_jax import translation_data, viz
+  if all(os.path.isdir(p) for p in inputs):
+    examples = predict_lib.match_folders(config, inputs)
+  else:
+    examples = [(os.path.splitext(os.path.basename(inputs[0]))[0], list(inputs))]
+  forward = jax.jit(functools.partial(generate, model=model, config=config))
+  size = int(config.data.crop_size)
+  written = []
+  for stem, paths in examples:
+    x = np.stack([translation_data.to_unit_range(translation_data.resize(
+        translation_data.file_to_stored(config, name, predict_lib.read_image(path, name)),
+        size))
+        for name, path in zip(config.modalities, paths)])[:, None]
+    outputs = np.asarray(jax.device_get(forward(variables, x, eval_key(config, 0))))
+    for o, name in enumerate(output_names(config)):
+      image_path = os.path.join(output, f'{stem}_{name}.png')
+      viz.save_png(image_path, viz.to_uint8_image(outputs[o, 0]))
+      written.append(image_path)
+      if save_logits:
+        written.append(predict_lib.save_npy(os.path.join(output, f'{stem}_{name}.npy'),
+                                            np.asarray(outputs[o, 0], np.float32)))
+  return written
