@@ -29,19 +29,24 @@ DOMAIN_MAX = {'edge_texture': 11355.0, 'edge_occlusion': 11584.0,
 def preprocess_domain(name: str, image: np.ndarray) -> np.ndarray:
   """The official per-domain preprocessing of a decoded PNG -> uint8 [H, W, 3].
 
-  Single-channel images are tiled to 3 channels; depth domains take log(1 + x) (in the image's
-  own integer dtype, as numpy does for the official code: a 16-bit 65535 'no depth' wraps to 0
-  and becomes log(0) = -inf, cast to 0); domains with an official maximum are scaled by
-  255 / max; then `astype(uint8)` truncates (values past 255 wrap, as the official cast does).
+  Single-channel images are tiled to 3 channels; depth domains take log(1 + x) on 32-bit
+  integers, as the official code got them (the Pillow of its time opened 16-bit PNGs in mode
+  'I', int32; today's opens them as uint16, where 65535 + 1 would wrap to 0 and log to -inf):
+  a 65535 'no depth' pixel becomes log(65536) * 255 / 11.1 = 254; domains with an official
+  maximum are scaled by 255 / max; then `astype(uint8)` truncates (values past 255 wrap, as
+  the official cast does).
   Images no rule touches keep their values and dtype must already be 8-bit.
   """
   image = np.asarray(image)
+  file_dtype = image.dtype
   changed = False
   if image.ndim == 2:
     image = np.repeat(image[:, :, None], 3, axis=2)
     changed = True
   if image.ndim == 3 and image.shape[2] == 4:
     image = image[:, :, :3]  # RGBA PNGs: the official reader's tensors keep 3 channels
+  if image.dtype.kind in 'iu' and image.dtype.itemsize == 2:
+    image = image.astype(np.int32)  # Pillow mode 'I', as the official read 16-bit PNGs
   if 'depth' in name:
     with np.errstate(divide='ignore', invalid='ignore'):
       image = np.log(1 + image)
@@ -55,7 +60,7 @@ def preprocess_domain(name: str, image: np.ndarray) -> np.ndarray:
       image = floor.astype(np.int64).astype(np.uint8) if image.dtype.kind == 'f' else \
           image.astype(np.uint8)
   if image.dtype != np.uint8:
-    raise ValueError(f'domain {name!r}: expected an 8-bit image, got {image.dtype} (only '
+    raise ValueError(f'domain {name!r}: expected an 8-bit image, got {file_dtype} (only '
                      f'{sorted(DOMAIN_MAX)} and depth domains are rescaled from 16 bits)')
   return image
 

@@ -64,10 +64,8 @@ def hand_preprocessed(domain, array):
   if domain == 'edge_texture':
     return np.floor(x.astype(np.float64) * 255.0 / 11355.0).astype(np.uint8)
   if domain == 'depth_zbuffer':
-    wrapped = (x.astype(np.int64) + 1) % 65536  # uint16 arithmetic: 65535 + 1 == 0
-    with np.errstate(divide='ignore'):
-      v = np.log(wrapped.astype(np.float32)) * np.float32(255.0) / np.float32(11.1)
-    return np.where(np.isfinite(v), np.floor(v), 0).astype(np.uint8)
+    v = np.log(1.0 + x.astype(np.float64)) * 255.0 / 11.1  # int32 in the official (mode 'I')
+    return np.floor(v).astype(np.uint8)
   return x
 
 
@@ -103,10 +101,10 @@ def test_preprocess_domain_hand_values():
   np.testing.assert_array_equal(td.preprocess_domain('edge_texture', edge)[..., 0],
                                 [[0, 255, 112, 0]])  # 5000 * 255 / 11355 = 112.28
   depth = np.array([[0, 1, 65535, 300]], np.uint16)
-  # log(1 + 0) = 0; log(2) * 255 / 11.1 = 15.92; 65535 wraps to log(0) = -inf -> 0;
-  # log(301) * 255 / 11.1 = 131.1
+  # log(1 + 0) = 0; log(2) * 255 / 11.1 = 15.92; log(65536) * 255 / 11.1 = 254.77 (int32 as
+  # the official's Pillow read 16-bit PNGs, no uint16 wrap); log(301) * 255 / 11.1 = 131.1
   np.testing.assert_array_equal(td.preprocess_domain('depth_euclidean', depth)[..., 0],
-                                [[0, 15, 0, 131]])
+                                [[0, 15, 254, 131]])
   rgb = np.arange(12, dtype=np.uint8).reshape(1, 4, 3)
   np.testing.assert_array_equal(td.preprocess_domain('rgb', rgb), rgb)
   with pytest.raises(ValueError, match="domain 'normal'"):
