@@ -18,6 +18,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def add_runner_keys(train: ml_collections.ConfigDict) -> None:
+  """The config.train keys the shared runner (cen_jax/train.py) reads for every task."""
+  train.parallel = 'pmap'  # 'pmap' | 'shard_map'
+  train.eval_every_epochs = 5
+  train.log_every_steps = 10
+  train.checkpoint_every_steps = 500
+  train.keep_checkpoints = 2
+  train.num_previews = 4
+  train.max_steps = -1  # > 0 truncates the schedule (smoke runs)
+  train.skip_nonfinite = False  # False: stop at a non-finite loss/gradient; True: skip it
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  dist = ml_collections.ConfigDict()
+  dist.initialize = False  # call jax.distributed.initialize (auto-detected on TPU/Slurm/MPI)
+  dist.coordinator_address = ''
+  dist.num_processes = 1
+  dist.process_id = 0
+  return dist
+
+
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = 'segmentation'  # 'segmentation' | 'translation' (cen_jax/tasks/<task>.py)
@@ -73,20 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.wd_dec = 1e-5
   t.l1_lambda = 2e-4
   t.l1_per_output = True  # official: the L1 term sits in the loop over M + 1 outputs
-  t.parallel = 'pmap'  # 'pmap' | 'shard_map'
-  t.eval_every_epochs = 5
-  t.log_every_steps = 10
-  t.checkpoint_every_steps = 500
-  t.keep_checkpoints = 2
-  t.num_previews = 4
-  t.max_steps = -1  # > 0 truncates the schedule (smoke runs)
-  t.skip_nonfinite = False  # False: stop at a non-finite loss/gradient; True: skip that update
+  add_runner_keys(t)
 
-  config.distributed = dist = ml_collections.ConfigDict()
-  dist.initialize = False  # call jax.distributed.initialize (auto-detected on TPU/Slurm/MPI)
-  dist.coordinator_address = ''
-  dist.num_processes = 1
-  dist.process_id = 0
+  config.distributed = distributed_config()
   return config
 
 
@@ -136,23 +146,12 @@ def translation_config() -> ml_collections.ConfigDict:
   t.beta2 = 0.999
   t.l1_weight = 100.0  # official 'gama': weight of the pixel L1 of every output
   t.l1_lambda = 1e-3  # sparsity weight on the partitioned InstanceNorm scales (counted once)
-  t.parallel = 'pmap'  # 'pmap' | 'shard_map'
-  t.eval_every_epochs = 5
-  t.log_every_steps = 10
-  t.checkpoint_every_steps = 500
-  t.keep_checkpoints = 2
-  t.num_previews = 4
-  t.max_steps = -1
-  t.skip_nonfinite = False
+  add_runner_keys(t)
 
   config.eval = e = ml_collections.ConfigDict()
   e.inception_weights = ''  # pytorch-fid InceptionV3 weights (.pth or converted .npz): FID/KID
 
-  config.distributed = dist = ml_collections.ConfigDict()
-  dist.initialize = False
-  dist.coordinator_address = ''
-  dist.num_processes = 1
-  dist.process_id = 0
+  config.distributed = distributed_config()
   return config
 
 

@@ -30,11 +30,16 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+def train_run(tmp_path_factory, config, data_dir) -> str:
+  """A fresh workdir trained by main.py with `config` (the module-scoped `trained` runs)."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  run_main(f'--config={config}', f'--workdir={workdir}', data_dir=data_dir)
+  return workdir
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
-  return workdir
+  return train_run(tmp_path_factory, CONFIG, data_dir)
 
 
 def final_params(workdir):

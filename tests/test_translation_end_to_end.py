@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_end_to_end import final_params, one_error_line, run_main
+from tests.test_end_to_end import final_params, one_error_line, run_main, train_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny_translation.py')
@@ -21,9 +21,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, data_dir):
-  workdir = str(tmp_path_factory.mktemp('run'))
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
-  return workdir
+  return train_run(tmp_path_factory, CONFIG, data_dir)
 
 
 def test_train_writes_results_logs_and_previews(trained):

@@ -128,11 +128,8 @@ def example(split: str, index: int, height: int, width: int) -> dict:
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
-  import io
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(rgb).save(buf, format='PNG', compress_level=3)
-  return buf.getvalue()
+  from data import rgbd_files
+  return rgbd_files.png_bytes(rgb)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):

@@ -90,11 +90,8 @@ def read_domain(path: str, domain: str) -> np.ndarray:
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
-  import io
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format='PNG', compress_level=3)
-  return buf.getvalue()
+  from data import rgbd_files
+  return rgbd_files.png_bytes(image)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
