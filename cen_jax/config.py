@@ -18,6 +18,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def add_fusion_keys(model: ml_collections.ConfigDict) -> None:
+  """config.model keys of the fusion registry (cen_jax/fusions.py)."""
+  model.fusion_module = ''  # a module path or .py file whose import registers more fusions
+  model.fusion_options = opts = ml_collections.ConfigDict()  # read by the fusion (Site.options)
+  opts.random_fraction = 0.5  # 'random_exchange': fraction of each partition exchanged
+  opts.random_seed = 0
+
+
 def add_runner_keys(train: ml_collections.ConfigDict) -> None:
   """The config.train keys the shared runner (cen_jax/train.py) reads for every task."""
   train.parallel = 'pmap'  # 'pmap' | 'shard_map'
@@ -47,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.modalities = ('rgb', 'depth')
 
   config.model = m = ml_collections.ConfigDict()
-  m.fusion = 'cen'  # 'cen' | 'asymfusion' | 'none' (shared convs, private norms, late ensemble)
+  m.fusion = 'cen'  # a registered fusion: 'cen' | 'asymfusion' | 'none' | ... (cen_jax/fusions.py)
+  add_fusion_keys(m)
   m.resnet = 101  # 50 | 101 | 152; ignored when `blocks` is set
   m.blocks = ()  # bottlenecks per stage, e.g. (1, 1, 1, 1) for tiny test models
   m.stem_width = 64
@@ -112,7 +121,8 @@ def translation_config() -> ml_collections.ConfigDict:
   config.modalities = ('reshading', 'edge_texture')  # official default: -i 2 7 0
 
   config.model = m = ml_collections.ConfigDict()
-  m.fusion = 'cen'  # 'cen' | 'none' (shared convs, private norms, late ensemble only)
+  m.fusion = 'cen'  # a registered fusion with a U-Net 'norm' point, or 'none'
+  add_fusion_keys(m)
   m.ngf = 64  # generator width
   m.ndf = 64  # discriminator width
   m.num_downs = 0  # U-Net levels; 0: log2(config.data.crop_size) (8 at 256x256, as official)

@@ -106,7 +106,8 @@ def _predict_one(config, predict_fn, variables, paths, output_dir, save_logits) 
   viz.save_png(written[0], viz.colorize(mask))
   viz.save_png(written[1], viz.overlay(_display_image(config, inputs), mask))
   if save_logits:
-    logits = {name: branches[m, 0] for m, name in enumerate(config.modalities)}
+    from cen_jax.models import branch_names
+    logits = {name: branches[m, 0] for m, name in enumerate(branch_names(config))}
     logits['ensemble'] = ensemble[0]
     for name, array in logits.items():
       path = os.path.join(output_dir, f'{stem}_{name}.npy')

@@ -37,6 +37,9 @@ def _task(config):
 
 
 def check_config(config):
+  from cen_jax import fusions
+  fusions.load_user_module(config.model.get('fusion_module', ''))
+  fusions.get(config.model.fusion)  # one line naming the registered fusions if unknown
   if config.train.parallel not in ('pmap', 'shard_map'):
     raise ValueError(f"config.train.parallel={config.train.parallel!r}: expected 'pmap' or "
                      f"'shard_map'")

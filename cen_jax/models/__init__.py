@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from cen_jax import config as config_lib
+from cen_jax import fusions
 from cen_jax.models.pix2pix import Discriminator, Generator
-from cen_jax.models.refinenet import Segmenter
+from cen_jax.models.refinenet import SeparateBranches, Segmenter
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Path (joined with '/') of the scale of every norm that exchanges: bn2 of each bottleneck.
+# Path (joined with '/') of the scale of every norm at the exchange point: bn2 of each
+# bottleneck (the scales a fusion's penalty and the threshold statistics read).
 EXCHANGE_SCALE_PATH = re.compile(r'^encoder/layer\d+_\d+/bn2/scale$')
 # Translation: every encoder InstanceNorm scale, conv1..convN (the official slim list).
 TRANSLATION_SCALE_PATH = re.compile(r'^conv(\d+)/insnorm_conv/scale$')
@@ -23,11 +25,30 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name=None) -> Segment
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r}: expected one of {sorted(DTYPES)}')
-  return Segmenter(
+  fusion = fusions.get(m.fusion)
+  fusions.check_branches(fusion, len(config.modalities))
+  fields = dict(
       num_classes=m.num_classes, blocks=config_lib.resnet_blocks(m), fusion=m.fusion,
       threshold=m.threshold, stem_width=m.stem_width, widths=tuple(m.widths),
       decoder_widths=tuple(m.decoder_widths), dropout=m.dropout, frozen_bn=m.frozen_bn,
-      bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, axis_name=axis_name, dtype=DTYPES[m.dtype])
+      bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, axis_name=axis_name, dtype=DTYPES[m.dtype],
+      fusion_options=fusion_options(config))
+  if fusion.network == 'separate':
+    return SeparateBranches(Segmenter, dict(fields, fusion='none'))
+  return Segmenter(**fields)
+
+
+def fusion_options(config) -> tuple:
+  """config.model.fusion_options as sorted (key, value) pairs (a hashable module field)."""
+  options = config.model.get('fusion_options', None)
+  return tuple(sorted(options.to_dict().items())) if options else ()
+
+
+def branch_names(config) -> list:
+  """The network's branches: one per modality, or one 'a+b' branch for early fusion."""
+  if fusions.get(config.model.fusion).network == 'early':
+    return ['+'.join(config.modalities)]
+  return list(config.modalities)
 
 
 def translation_num_downs(config: ml_collections.ConfigDict) -> int:
@@ -52,14 +73,12 @@ def build_translation_models(config: ml_collections.ConfigDict, *,
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r}: expected one of {sorted(DTYPES)}')
-  if m.fusion not in ('cen', 'none'):
-    raise ValueError(f'config.model.fusion={m.fusion!r}: expected one of (\'cen\', \'none\') '
-                     f'for translation')
+  fusions.check_translation(fusions.get(m.fusion), len(config.modalities))
   dtype = DTYPES[m.dtype]
   generator = Generator(
       ngf=m.ngf, num_downs=translation_num_downs(config), fusion=m.fusion,
       threshold=m.threshold, dropout=m.dropout, in_momentum=m.in_momentum, in_eps=m.in_eps,
-      axis_name=axis_name, dtype=dtype)
+      axis_name=axis_name, dtype=dtype, fusion_options=fusion_options(config))
   discriminator = Discriminator(ndf=m.ndf, in_momentum=m.in_momentum, in_eps=m.in_eps,
                                 axis_name=axis_name, dtype=dtype)
   return generator, discriminator
@@ -89,7 +108,7 @@ def exchange_scales(params) -> list:
 def is_encoder(path: str) -> bool:
   """Encoder/decoder split of the official optimisers (regex `.*conv1.*|.*bn1.*|.*layer.*`
   on torch names selects exactly the ResNet; the decoder group holds the rest and alpha)."""
-  return path.startswith('encoder/')
+  return path.startswith(('encoder/', 'branches/encoder/'))  # shared / 'separate' networks
 
 
 def count_params(params) -> int:

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from cen_jax import fusion as fusion_ops
+from cen_jax import fusions
 from cen_jax.layers import InstanceNorm, PrivateInstanceNorm, SharedConv, SharedConvTranspose
 
-FUSIONS = ('cen', 'none')
 WEIGHT_STD = 0.02  # official normal_weight_init: conv and deconv kernels ~ N(0, 0.02)
 
 
@@ -56,9 +56,12 @@ class ConvBlock(nn.Module):
   activation: bool
   instance_norm: bool
   norm: dict  # PrivateInstanceNorm settings
-  fusion: str
+  fusion: str  # a registered fusion (cen_jax/fusions.py), applied at its point 'norm'
   threshold: float
   dtype: Any = jnp.float32
+  index: int = 0  # encoder level (0-based)
+  num_blocks: int = 1
+  fusion_options: tuple = ()
 
   @nn.compact
   def __call__(self, x):
@@ -68,8 +71,9 @@ class ConvBlock(nn.Module):
     norm = PrivateInstanceNorm(**self.norm, dtype=self.dtype, name='insnorm_conv')
     if self.instance_norm:
       out = norm(out)
-      if self.fusion == 'cen':
-        out = fusion_ops.exchange(out, norm.variables['params']['scale'], self.threshold)
+      site = fusions.Site(self.name, 0, self.index, self.num_blocks, self.threshold,
+                          dict(self.fusion_options), scale=norm.variables['params']['scale'])
+      out, _ = fusions.apply_point(fusions.get(self.fusion), 'norm', out, site, {})
     elif self.is_initializing():
       norm(out)  # official parameters that are never applied
     return out
@@ -145,12 +149,11 @@ class Generator(nn.Module):
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   out_channels: int = 3
+  fusion_options: tuple = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, deterministic: bool) -> dict:
-    if self.fusion not in FUSIONS:
-      raise ValueError(f'config.model.fusion={self.fusion!r}: expected one of {FUSIONS} for '
-                       f'translation')
+    fusions.check_translation(fusions.get(self.fusion), x.shape[0])
     if self.num_downs < 3:
       raise ValueError(f'config.model.num_downs={self.num_downs}: the U-Net needs at least 3')
     size = x.shape[-3:-1]
@@ -167,6 +170,7 @@ class Generator(nn.Module):
     for k in range(1, depth + 1):
       out = ConvBlock(widths[k - 1], activation=k > 1, instance_norm=1 < k < depth, norm=norm,
                       fusion=self.fusion, threshold=self.threshold, dtype=self.dtype,
+                      index=k - 1, num_blocks=depth, fusion_options=self.fusion_options,
                       name=f'conv{k}')(out)
       # The next conv's in-place LeakyReLU rewrites the stored output (official).
       skips.append(leaky_relu(out))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cen_jax import fusion
+from cen_jax import fusions
 from cen_jax.layers import SharedConv, max_pool, resize
 from cen_jax.models.resnet import ResNetEncoder
 
@@ -78,14 +79,20 @@ class Segmenter(nn.Module):
   bn_eps: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  fusion_options: tuple = ()  # config.model.fusion_options as (key, value) pairs
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
+    fusion_name = self.fusion
+    if fusions.get(fusion_name).network == 'early':  # one branch on the concatenated inputs
+      x = jnp.concatenate(list(x), axis=-1)[None]
+      fusion_name = 'none'
     num_branches = x.shape[0]
     norm = dict(use_running_average=(not train) or self.frozen_bn, momentum=self.bn_momentum,
                 epsilon=self.bn_eps, axis_name=self.axis_name)
-    l1, l2, l3, l4 = ResNetEncoder(self.blocks, norm, self.stem_width, self.widths, self.fusion,
-                                   self.threshold, dtype=self.dtype, name='encoder')(x)
+    l1, l2, l3, l4 = ResNetEncoder(self.blocks, norm, self.stem_width, self.widths,
+                                   fusion_name, self.threshold, dtype=self.dtype,
+                                   fusion_options=self.fusion_options, name='encoder')(x)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     l4, l3 = drop(l4), drop(l3)
     wide, narrow = self.decoder_widths
@@ -112,3 +119,32 @@ class Segmenter(nn.Module):
     alpha = self.param('alpha', nn.initializers.ones, (num_branches,))
     ensemble, weights = fusion.late_ensemble(logits, alpha)
     return {'branches': logits, 'ensemble': ensemble, 'alpha': weights}
+
+
+class SeparateBranches(nn.Module):
+  """The 'separate' baseline: every branch its own single-branch network (nothing shared,
+  nothing exchanged), vmapped over the branch axis so that parameters and statistics get a
+  leading [M] axis; the learned late ensemble over their outputs as in CEN."""
+  network: Any  # the module class (Segmenter or Generator)
+  fields: dict  # its fields (fusion 'none')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, **kwargs) -> dict:
+    names = tuple(kwargs)
+    branches = nn.vmap(_positional(self.network, names), in_axes=(0,) + (None,) * len(names),
+                       out_axes=0, variable_axes={'params': 0, 'batch_stats': 0},
+                       split_rngs={'params': True, 'dropout': True})
+    out = branches(**self.fields, name='branches')(x[:, None], *kwargs.values())
+    outputs = out['branches'][:, 0]
+    alpha = self.param('alpha', nn.initializers.ones, (x.shape[0],))
+    ensemble, weights = fusion.late_ensemble(outputs, alpha)
+    return {'branches': outputs, 'ensemble': ensemble, 'alpha': weights}
+
+
+def _positional(network, names: tuple):
+  """`network` whose keyword arguments `names` are positional (flax's vmap takes no kwargs)."""
+  class Positional(network):
+    def __call__(self, x, *values):
+      return super().__call__(x, **dict(zip(names, values)))
+  Positional.__name__ = network.__name__
+  return Positional

@@ -1,22 +1,23 @@
 """Multimodal ResNet (torchvision v1.5 layout) on branch-stacked tensors [M, N, H, W, C].
 
 Convolutions are shared by all branches (`SharedConv`); every norm is private (`[M, C]`
-parameters and statistics). The fusion hook sits in the bottleneck:
+parameters and statistics). The bottleneck hands its activations to the configured fusion
+(cen_jax/fusions.py) at its points 'bn1', 'act1', 'bn2', 'act2' and 'output':
 - 'cen': exchange after bn2 of every bottleneck, reading bn2's own scales (papers.md §1.1(d)).
 - 'asymfusion': channel shuffle / pixel shift in the last bottleneck of each stage (§3.2).
 - 'none': shared convs + private norms only.
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cen_jax import fusion as fusion_ops
+from cen_jax import fusions
 from cen_jax.layers import PrivateBatchNorm, SharedConv, max_pool
 
-FUSIONS = ('cen', 'asymfusion', 'none')
 EXPANSION = 4
 
 
@@ -25,35 +26,42 @@ class Bottleneck(nn.Module):
   stride: int
   downsample: bool
   norm: dict  # PrivateBatchNorm settings (use_running_average, momentum, epsilon, axis_name)
-  fusion: str = 'none'  # 'cen' | 'asymfusion' | 'none' for this block
+  fusion: str = 'none'  # a registered fusion (cen_jax/fusions.py)
   threshold: float = 2e-2
   dtype: Any = jnp.float32
+  stage: int = 0
+  index: int = 0
+  num_blocks: int = 1
+  fusion_options: tuple = ()  # config.model.fusion_options as (key, value) pairs
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    num_branches = x.shape[0]
     conv = lambda f, k, s, p, name: SharedConv(f, k, s, p, dtype=self.dtype, name=name)
     norm = lambda name: PrivateBatchNorm(**self.norm, dtype=self.dtype, name=name)
-    asym = self.fusion == 'asymfusion' and num_branches == 2
+    fusion = fusions.get(self.fusion)
+    site = fusions.Site(self.name, self.stage, self.index, self.num_blocks, self.threshold,
+                        dict(self.fusion_options))
+    carry = {}
 
-    out = nn.relu(norm('bn1')(conv(self.planes, 1, 1, 0, 'conv1')(x)))
-    if asym:
-      shift = fusion_ops.pixel_shift(out)  # from the pre-shuffle features
-      out = fusion_ops.channel_shuffle(out)
+    def at(point, out, scale=None):
+      nonlocal carry
+      out, carry = fusions.apply_point(fusion, point, out, dataclasses.replace(site, scale=scale),
+                                       carry)
+      return out
+
+    bn1 = norm('bn1')
+    out = at('bn1', bn1(conv(self.planes, 1, 1, 0, 'conv1')(x)), bn1.variables['params']['scale'])
+    out = at('act1', nn.relu(out))
     bn2 = norm('bn2')
-    out = bn2(conv(self.planes, 3, self.stride, 1, 'conv2')(out))
-    if self.fusion == 'cen':
-      out = fusion_ops.exchange(out, bn2.variables['params']['scale'], self.threshold)
-    out = nn.relu(out)
-    if asym:
-      out = out + shift[::-1]  # each branch receives the other's shifted features
-      out = fusion_ops.channel_shuffle(out)
+    out = at('bn2', bn2(conv(self.planes, 3, self.stride, 1, 'conv2')(out)),
+             bn2.variables['params']['scale'])
+    out = at('act2', nn.relu(out))
     out = norm('bn3')(conv(self.planes * EXPANSION, 1, 1, 0, 'conv3')(out))
     residual = x
     if self.downsample:
       residual = conv(self.planes * EXPANSION, 1, self.stride, 0, 'downsample_conv')(x)
       residual = norm('downsample_bn')(residual)
-    return nn.relu(out + residual)
+    return at('output', nn.relu(out + residual))
 
 
 class ResNetEncoder(nn.Module):
@@ -65,13 +73,11 @@ class ResNetEncoder(nn.Module):
   fusion: str = 'cen'
   threshold: float = 2e-2
   dtype: Any = jnp.float32
+  fusion_options: tuple = ()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    if self.fusion not in FUSIONS:
-      raise ValueError(f'config.model.fusion={self.fusion!r}: expected one of {FUSIONS}')
-    if self.fusion == 'asymfusion' and x.shape[0] > 2:
-      raise ValueError(f'AsymFusion is defined for 2 modalities, got {x.shape[0]}')
+    fusions.check_branches(fusions.get(self.fusion), x.shape[0])
     x = SharedConv(self.stem_width, 7, 2, 3, dtype=self.dtype, name='conv1')(x)
     x = nn.relu(PrivateBatchNorm(**self.norm, dtype=self.dtype, name='bn1')(x))
     x = max_pool(x, 3, 2, 1)
@@ -81,12 +87,9 @@ class ResNetEncoder(nn.Module):
       for i in range(num_blocks):
         stride = 2 if (i == 0 and stage > 0) else 1
         downsample = i == 0 and (stride != 1 or in_features != planes * EXPANSION)
-        if self.fusion == 'asymfusion':  # official: last block of a stage, never block 0
-          block_fusion = 'asymfusion' if (i >= 1 and i == num_blocks - 1) else 'none'
-        else:
-          block_fusion = self.fusion
-        x = Bottleneck(planes, stride, downsample, self.norm, block_fusion, self.threshold,
-                       dtype=self.dtype, name=f'layer{stage + 1}_{i}')(x)
+        x = Bottleneck(planes, stride, downsample, self.norm, self.fusion, self.threshold,
+                       dtype=self.dtype, stage=stage, index=i, num_blocks=num_blocks,
+                       fusion_options=self.fusion_options, name=f'layer{stage + 1}_{i}')(x)
         in_features = planes * EXPANSION
       outputs.append(x)
     return outputs

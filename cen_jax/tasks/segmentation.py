@@ -17,9 +17,11 @@ import numpy as np
 import optax
 
 from cen_jax import fusion
+from cen_jax import fusions
 from cen_jax import metrics as metrics_lib
 from cen_jax.layers import resize
-from cen_jax.models import build_model, exchange_scales, is_encoder, path_str
+from cen_jax.models import (branch_names, build_model, exchange_scales, fusion_options,
+                            is_encoder, path_str)
 from cen_jax.train import AXIS, TrainState, all_finite
 
 BATCH_KEYS = ('mask',)
@@ -35,6 +37,11 @@ def check_config(config):
   if not len(t.stage_epochs) == len(t.lr_enc) == len(t.lr_dec):
     raise ValueError(f'config.train: stage_epochs, lr_enc and lr_dec need one entry per stage, '
                      f'got {len(t.stage_epochs)}, {len(t.lr_enc)}, {len(t.lr_dec)}')
+  network = fusions.get(config.model.fusion).network
+  if config.model.init_from and network != 'shared':
+    raise ValueError(f'config.model.init_from={config.model.init_from!r}: ImageNet weights '
+                     f'initialise the shared network only, not fusion '
+                     f'{config.model.fusion!r} ({network!r} network)')
   if config.data.eval_upsample not in ('bicubic', 'bilinear'):
     raise ValueError(f"config.data.eval_upsample={config.data.eval_upsample!r}: expected "
                      f"'bicubic' (official) or 'bilinear'")
@@ -74,7 +81,7 @@ def eval_variables(state) -> dict:
 
 
 def output_names(config) -> list[str]:
-  return list(config.modalities) + ['ensemble']
+  return branch_names(config) + ['ensemble']
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -147,13 +154,15 @@ def cross_entropy_sums(logits, mask, ignore_label):
 
 def train_step(state: TrainState, batch, *, model, config, starts, tx):
   """One per-device training step; collectives on AXIS. batch: {'x': [M,n,H,W,3], 'mask': [n,H,W]}."""
-  num_outputs = len(config.modalities) + 1
+  num_outputs = len(output_names(config))
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
                            jax.lax.axis_index(AXIS))
   valid = labelled(batch['mask'], config.data.ignore_label, config.model.num_classes)
   count = jnp.maximum(jax.lax.psum(jnp.sum(valid), AXIS), 1).astype(jnp.float32)
   num_devices = jax.lax.psum(1, AXIS)
   l1_weight = config.train.l1_lambda * (num_outputs if config.train.l1_per_output else 1)
+  fusion_ = fusions.get(config.model.fusion)
+  options = dict(fusion_options(config))
 
   def objective(params):
     outputs, new_vars = model.apply(
@@ -162,7 +171,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     ce_sums, _ = cross_entropy_sums(stacked_logits(outputs), batch['mask'],
                                     config.data.ignore_label)
     ce = ce_sums / count  # this device's share of each output's global mean
-    l1 = fusion.l1_penalty(exchange_scales(params)) if config.model.fusion == 'cen' else 0.0
+    l1 = fusions.penalty(fusion_, exchange_scales(params), options)
     total = jnp.sum(ce) + l1_weight * l1 / num_devices
     return total, (ce, l1, outputs, new_vars.get('batch_stats', state.batch_stats))
 
@@ -183,9 +192,9 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   scalars['loss/total'] = jnp.sum(ce) + l1_weight * scalars['loss/l1']
   scalars['lr/encoder'] = lr_enc
   scalars['lr/decoder'] = lr_dec
-  for m, name in enumerate(config.modalities):
+  for m, name in enumerate(branch_names(config)):
     scalars[f'alpha/{name}'] = outputs['alpha'][m]
-  if config.model.fusion == 'cen':
+  if fusion_.monitor_scales:
     below = fusion.fraction_below_threshold(exchange_scales(params), config.model.threshold)
     for m, name in enumerate(config.modalities):
       scalars[f'scales_below_threshold/{name}'] = below[m]

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from cen_jax import fusion
+from cen_jax import fusions
 from cen_jax.train import AXIS, TrainState, all_finite
 
 BATCH_KEYS = ('target',)
@@ -45,9 +46,7 @@ NETS = ('generator', 'discriminator')
 # ----------------------------------------------------------------------------- config, model
 
 def check_config(config):
-  if config.model.fusion not in ('cen', 'none'):
-    raise ValueError(f"config.model.fusion={config.model.fusion!r}: translation supports 'cen' "
-                     f"or 'none'")
+  fusions.check_translation(fusions.get(config.model.fusion), len(config.modalities))
   if config.data.target in config.modalities:
     raise ValueError(f'config.data.target={config.data.target!r} is also an input domain '
                      f'(config.modalities={list(config.modalities)})')
@@ -126,6 +125,11 @@ def exchange_scales(generator_params) -> list:
   return models.translation_exchange_scales(generator_params)
 
 
+def fusion_options(config) -> tuple:
+  from cen_jax import models
+  return models.fusion_options(config)
+
+
 # ----------------------------------------------------------------------------- GAN step
 
 def stacked_outputs(outputs) -> jax.Array:
@@ -189,7 +193,9 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
 
   # Generator against the updated discriminator.
   pixels = global_n * np.prod(y.shape[1:])
-  use_slim = config.model.fusion == 'cen' and t.l1_lambda > 0
+  fusion_ = fusions.get(config.model.fusion)
+  use_slim = fusion_.penalty is not None and t.l1_lambda > 0
+  options = dict(fusion_options(config))
 
   def g_objective(params):
     out, stats = generate(params, g_stats, rng_g)
@@ -197,7 +203,8 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     adversarial = patch_mean(bce_with_logits_sums(fake_logits, True), fake_logits)
     diff = jnp.abs(stacked_outputs(out).astype(jnp.float32) - y[None].astype(jnp.float32))
     pixel_l1 = jnp.sum(diff, axis=tuple(range(1, diff.ndim))) / pixels  # [M + 1]
-    slim = fusion.l1_penalty(exchange_scales(params)) if use_slim else jnp.zeros(())
+    slim = (fusions.penalty(fusion_, exchange_scales(params), options) if use_slim
+            else jnp.zeros(()))
     total = (jnp.sum(adversarial) + t.l1_weight * jnp.sum(pixel_l1)
              + t.l1_lambda * slim / num_devices)
     return total, (adversarial, pixel_l1, slim, stats, new_d_stats, out['alpha'])
@@ -221,7 +228,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
                            + t.l1_lambda * slim)  # the generator's objective, as logged
   for m, name in enumerate(config.modalities):
     scalars[f'alpha/{name}'] = alpha[m]
-  if config.model.fusion == 'cen':
+  if fusion_.monitor_scales:
     below = fusion.fraction_below_threshold(exchange_scales(g_params), config.model.threshold)
     for m, name in enumerate(config.modalities):
       scalars[f'scales_below_threshold/{name}'] = below[m]
