@@ -5,7 +5,9 @@ predict (--inputs one file or folder per modality, --output DIR), summary (param
 forward GFLOPs, no data), prepare (build the configured dataset), import (--torch_checkpoint,
 official PyTorch checkpoint file(s), into an orbax checkpoint in --workdir), export (the
 workdir's checkpoint to official-style PyTorch state_dict(s) at --output), fid (FID/KID between
-two image folders given as --inputs, with config.eval.inception_weights).
+two image folders given as --inputs, with config.eval.inception_weights), scales (the norm
+scales under the exchange threshold over training and per layer, and their histograms:
+<workdir>/norm_scales.png).
 
 `config.task` picks the task (cen_jax/tasks/): 'segmentation' or 'translation'.
 """
@@ -19,7 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export', 'fid')
+MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export', 'fid', 'scales')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -106,6 +108,20 @@ def run(config, workdir: str) -> None:
       fail('--mode=import needs --torch_checkpoint FILE')
     step = train.import_torch_checkpoint(config, FLAGS.torch_checkpoint, workdir)
     print(f'imported {", ".join(FLAGS.torch_checkpoint)} as step {step} in {workdir}')
+  elif mode == 'scales':
+    from cen_jax import analysis, models
+    model = train.build(config)
+    state, step = train.restore_state(config, workdir, model, FLAGS.checkpoint)
+    path = FLAGS.output or os.path.join(workdir, 'norm_scales.png')
+    branches = models.branch_names(config)
+    names, fractions = analysis.scale_figure(
+        task.named_norm_scales(state.params), branches, config.model.threshold,
+        analysis.logged_fractions(workdir, branches), step, path)
+    print(f'{"layer":>12}  ' + '  '.join(f'{b:>12}' for b in branches))
+    for name, row in zip(names, fractions):
+      print(f'{name:>12}  ' + '  '.join(f'{v:12.3f}' for v in row))
+    print(f'fraction of penalised scales under {config.model.threshold} at step {step}; '
+          f'figure: {path}')
   elif mode == 'export':
     if not FLAGS.output:
       fail('--mode=export needs --output PATH')

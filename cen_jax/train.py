@@ -9,6 +9,7 @@ statistics inside the model). `jax.pmap` (default) or `jax.shard_map` over a dev
 """
 
 import os
+import time
 from typing import Any, Callable
 
 import flax
@@ -266,13 +267,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   preemption = Preemption(ckpts)
   pending = []  # device scalars since the last host sync
   results = {}
+  window_start = [time.perf_counter()]  # time of the last sync (evaluations excluded)
 
   def sync(done):  # the loop's only host sync between evaluations
     if pending:
       summary = guard.check(jax.device_get(pending), done)
+      # Wall time per step of this log window (the first includes compilation).
+      summary['time/step_seconds'] = (time.perf_counter() - window_start[0]) / len(pending)
       pending.clear()
       writer.write_scalars(done, summary)
       progress.set_postfix(loss=summary['loss/total'])
+    window_start[0] = time.perf_counter()
 
   try:
     for step in range(first_step, num_steps):
@@ -301,8 +306,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.write(f'step {done}: {task.progress_line(results)}')
         ckpts.save(done, state, meta, data_iterator=train_iter,
                    metrics={task.BEST_METRIC: task.best_value(results)})
+        window_start[0] = time.perf_counter()
       elif save_now:
         ckpts.save(done, state, meta, data_iterator=train_iter)
+        window_start[0] = time.perf_counter()
   finally:
     preemption.close()
     progress.close()

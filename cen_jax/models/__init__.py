@@ -89,10 +89,15 @@ def translation_exchange_scales(g_params) -> list:
   the never-applied conv1 and convN norms: the official slim list. With `fusion.l1_penalty`
   this is the official slim penalty (for M = 2, insnorm_0 -> first half of the channels,
   insnorm_1 -> second half, exactly `fusion.sparsity_masks`)."""
+  return [leaf for _, leaf in named_translation_exchange_scales(g_params)]
+
+
+def named_translation_exchange_scales(g_params) -> list:
+  """[('convK', [M, C] encoder InstanceNorm scale)], K = 1..N."""
   flat = jax.tree_util.tree_flatten_with_path(g_params)[0]
   found = [(int(match[1]), leaf) for path, leaf in flat
            if (match := TRANSLATION_SCALE_PATH.match(path_str(path)))]
-  return [leaf for _, leaf in sorted(found, key=lambda item: item[0])]
+  return [(f'conv{k}', leaf) for k, leaf in sorted(found, key=lambda item: item[0])]
 
 
 def path_str(path) -> str:
@@ -101,8 +106,14 @@ def path_str(path) -> str:
 
 def exchange_scales(params) -> list:
   """The [M, C] scales of every exchanging norm (bn2 of each bottleneck), in module order."""
+  return [leaf for _, leaf in named_exchange_scales(params)]
+
+
+def named_exchange_scales(params) -> list:
+  """[(block name, [M, C] bn2 scale)] of every bottleneck, in module order."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [leaf for path, leaf in flat if EXCHANGE_SCALE_PATH.match(path_str(path))]
+  return [(path_str(path).split('/')[1], leaf) for path, leaf in flat
+          if EXCHANGE_SCALE_PATH.match(path_str(path))]
 
 
 def is_encoder(path: str) -> bool:

@@ -18,6 +18,8 @@ so the loop, checkpoints and main.py never ask which task they run:
   make_eval_fn / evaluate(...)                  metrics over a split (eval_results.json)
   BEST_METRIC, BEST_MODE                        the checkpoint kept as 'best' ('max' | 'min')
   best_value(results), progress_line(results)
+  named_norm_scales(params)                     [(block, [M, C] scale)] at the exchange point
+  output_names(config)                          the outputs evaluated: branches + 'ensemble'
 """
 
 import importlib

@@ -80,6 +80,12 @@ def eval_variables(state) -> dict:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
+def named_norm_scales(params) -> list:
+  """[(block, [M, C] scale)] of the norms at the exchange point (bn2 of every bottleneck)."""
+  from cen_jax import models
+  return models.named_exchange_scales(params)
+
+
 def output_names(config) -> list[str]:
   return branch_names(config) + ['ensemble']
 

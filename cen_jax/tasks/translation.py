@@ -125,6 +125,12 @@ def exchange_scales(generator_params) -> list:
   return models.translation_exchange_scales(generator_params)
 
 
+def named_norm_scales(params) -> list:
+  """[(block, [M, C] scale)] of the generator's encoder InstanceNorms (conv1..convN)."""
+  from cen_jax import models
+  return models.named_translation_exchange_scales(params['generator'])
+
+
 def fusion_options(config) -> tuple:
   from cen_jax import models
   return models.fusion_options(config)
