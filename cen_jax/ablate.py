@@ -107,11 +107,7 @@ def plot(rows: list, task: str, path: str) -> None:
   ax.set_xticklabels([r[0] for r in rows])
   ax.set(ylabel=f'{label} ({better} is better)', title='fusions on one budget (mean ± std)')
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.canvas.draw()
-  image = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-  plt.close(fig)
-  viz.save_png(path, image)
+  viz.save_figure(path, fig)
 
 
 def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:

@@ -74,9 +74,5 @@ def scale_figure(named_scales, branches, threshold: float, history, step: int, p
            xlabel='|scale|', ylabel='channels')
   for ax in axes[:2 + len(branches)]:
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.canvas.draw()
-  image = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-  plt.close(fig)
-  viz.save_png(path, image)
+  viz.save_figure(path, fig)
   return names, fractions

@@ -140,6 +140,16 @@ def to_uint8_image(x) -> np.ndarray:
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
+def save_figure(path: str, fig) -> None:
+  """A matplotlib figure -> PNG at `path` (atomically, as save_png); closes the figure."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.canvas.draw()
+  image = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+  plt.close(fig)
+  save_png(path, np.ascontiguousarray(image))
+
+
 def save_png(path: str, image) -> None:
   """Writes a uint8 [H, W] or [H, W, 3] image as PNG via temp file + os.replace, so a
   reader never sees a partial file; creates parent directories."""
