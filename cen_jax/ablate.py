@@ -27,6 +27,11 @@ flags.DEFINE_integer('seeds', 1, 'Runs per fusion (config.seed + 0, 1, ...).')
 
 MAIN_METRIC = {'segmentation': ('miou', 'mIoU', 'higher'),
                'translation': ('l1', 'L1', 'lower')}
+TABLE_METRICS = {'segmentation': ('miou',), 'translation': ('l1', 'rmse', 'fid', 'kid')}
+
+
+class Interrupted(Exception):
+  """A run stopped before its last step (SIGTERM): its checkpoint resumes it next time."""
 
 
 def run_config(config, fusion: str, seed: int):
@@ -67,7 +72,7 @@ def param_count(config) -> int:
 def summarise(rows: list, task: str) -> list[str]:
   """rows: (fusion, params, step seconds, [results of each seed]) -> Markdown lines."""
   outputs = list(rows[0][3][0]['metrics'])
-  metrics = list(rows[0][3][0]['metrics'][outputs[0]])
+  metrics = [m for m in TABLE_METRICS[task] if m in rows[0][3][0]['metrics'][outputs[0]]]
   header = ['fusion', 'seeds'] + [f'{o} {m}' for o in outputs for m in metrics] + [
       'params', 'step (s)']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -129,6 +134,9 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
       if not finished(run_dir, num_steps):
         print(f'ablate: training {name} seed {seed} in {run_dir}', flush=True)
         train.train_and_evaluate(cfg, run_dir)
+        if not finished(run_dir, num_steps):
+          raise Interrupted(f'ablate: {name} seed {seed} stopped before step {num_steps}; run '
+                            f'the same command to resume')
       with open(os.path.join(run_dir, 'eval_results.json')) as f:
         results.append(json.load(f))
       seconds.append(median_step_seconds(run_dir))
@@ -160,6 +168,9 @@ def main(argv):
   warnings.filterwarnings('ignore')
   try:
     lines = ablate(FLAGS.config, FLAGS.workdir, FLAGS.fusions, FLAGS.seeds)
+  except Interrupted as e:
+    print(e)
+    return
   except ValueError as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
   print('\n'.join(lines))
