@@ -109,8 +109,8 @@ def test_separate_network_is_one_single_branch_network_per_branch():
   out = model.apply(variables, x, train=False)
   single = build_model(tiny_config('none', modalities=('rgb',)))
   for m in range(2):
-    branch = jax.tree.map(lambda a: a[m], variables['params']['branches'])
-    stats = jax.tree.map(lambda a: a[m], variables['batch_stats']['branches'])
+    branch = variables['params'][f'branch{m}']
+    stats = variables['batch_stats'][f'branch{m}']
     ref = single.apply({'params': branch, 'batch_stats': stats}, x[m:m + 1], train=False)
     np.testing.assert_allclose(out['branches'][m], ref['branches'][0], rtol=1e-5, atol=1e-6)
   weights = jax.nn.softmax(variables['params']['alpha'])
@@ -118,6 +118,9 @@ def test_separate_network_is_one_single_branch_network_per_branch():
                              rtol=1e-5, atol=1e-6)
   assert count_params(variables['params']) == 2 * count_params(
       variables_for(single, x[:1])['params']) + 2  # plus the outer alpha
+  from cen_jax.models import is_encoder
+  assert is_encoder('branch1/encoder/layer1_0/conv1/kernel')
+  assert not is_encoder('branch1/clf_conv/kernel') and not is_encoder('alpha')
   assert exchange_scales(variables['params']) == []  # no penalty, nothing exchanged
 
 

@@ -18,6 +18,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 EXCHANGE_SCALE_PATH = re.compile(r'^encoder/layer\d+_\d+/bn2/scale$')
 # Translation: every encoder InstanceNorm scale, conv1..convN (the official slim list).
 TRANSLATION_SCALE_PATH = re.compile(r'^conv(\d+)/insnorm_conv/scale$')
+SEPARATE_ENCODER_PATH = re.compile(r'^branch\d+/encoder/')  # fusion 'separate'
 MIN_TRANSLATION_SIZE = 32  # the PatchGAN's three stride-2 and two 4x4 stride-1 convs
 
 
@@ -119,7 +120,7 @@ def named_exchange_scales(params) -> list:
 def is_encoder(path: str) -> bool:
   """Encoder/decoder split of the official optimisers (regex `.*conv1.*|.*bn1.*|.*layer.*`
   on torch names selects exactly the ResNet; the decoder group holds the rest and alpha)."""
-  return path.startswith(('encoder/', 'branches/encoder/'))  # shared / 'separate' networks
+  return SEPARATE_ENCODER_PATH.match(path) is not None or path.startswith('encoder/')
 
 
 def count_params(params) -> int:

@@ -123,28 +123,17 @@ class Segmenter(nn.Module):
 
 class SeparateBranches(nn.Module):
   """The 'separate' baseline: every branch its own single-branch network (nothing shared,
-  nothing exchanged), vmapped over the branch axis so that parameters and statistics get a
-  leading [M] axis; the learned late ensemble over their outputs as in CEN."""
+  nothing exchanged; parameters under branch0, branch1, ...), and the learned late ensemble
+  over their outputs as in CEN. A loop rather than a vmap over stacked parameters: XLA:CPU
+  runs vmapped (grouped) convolutions several times slower than M plain ones."""
   network: Any  # the module class (Segmenter or Generator)
   fields: dict  # its fields (fusion 'none')
 
   @nn.compact
   def __call__(self, x: jax.Array, **kwargs) -> dict:
-    names = tuple(kwargs)
-    branches = nn.vmap(_positional(self.network, names), in_axes=(0,) + (None,) * len(names),
-                       out_axes=0, variable_axes={'params': 0, 'batch_stats': 0},
-                       split_rngs={'params': True, 'dropout': True})
-    out = branches(**self.fields, name='branches')(x[:, None], *kwargs.values())
-    outputs = out['branches'][:, 0]
+    outs = [self.network(**self.fields, name=f'branch{m}')(x[m:m + 1], **kwargs)
+            for m in range(x.shape[0])]
+    outputs = jnp.concatenate([o['branches'] for o in outs])
     alpha = self.param('alpha', nn.initializers.ones, (x.shape[0],))
     ensemble, weights = fusion.late_ensemble(outputs, alpha)
     return {'branches': outputs, 'ensemble': ensemble, 'alpha': weights}
-
-
-def _positional(network, names: tuple):
-  """`network` whose keyword arguments `names` are positional (flax's vmap takes no kwargs)."""
-  class Positional(network):
-    def __call__(self, x, *values):
-      return super().__call__(x, **dict(zip(names, values)))
-  Positional.__name__ = network.__name__
-  return Positional
