@@ -209,14 +209,15 @@ def features(variables, images, *, input_size: int | None = None):
   return FIDInceptionV3().apply(variables, 2.0 * x - 1.0)
 
 
-def stretch_to_unit_range(images):
+def stretch_to_unit_range(images, *, quantize: bool = True):
   """[..., H, W, 3] in any range -> [0, 1] as the official's saved PNGs: per-image min-max
-  stretch to 0..255, truncated to 8 bits (astype(np.uint8)), read back / 255."""
+  stretch to 0..255, truncated to 8 bits (astype(np.uint8); quantize=False keeps the
+  continuous values), read back / 255."""
   axes = (-3, -2, -1)
   low = jnp.min(images, axis=axes, keepdims=True)
   span = jnp.max(images, axis=axes, keepdims=True) - low
   stretched = (images - low) * 255.0 / jnp.where(span > 0, span, 1.0)
-  return jnp.floor(stretched) / 255.0
+  return (jnp.floor(stretched) if quantize else stretched) / 255.0
 
 
 # ----------------------------------------------------------------------------- weights
