@@ -21,6 +21,7 @@ device (`stretch_to_unit_range`) but feeds the image at its own size (no 500x500
 
 import functools
 import os
+import sys
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -374,7 +375,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) -> float:
   diff = mu1 - mu2
   covmean = _sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
-    print(f'fid: singular covariance product; adding {eps} to the diagonals')
+    print(f'fid: singular covariance product; adding {eps} to the diagonals', file=sys.stderr)
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):

@@ -225,7 +225,8 @@ def test_compare_folders_and_main_fid_mode(tmp_path, weights_npz):
   np.random.seed(0)
   expected = {'fid': official_fid(*[f.astype(np.float64) for f in feats]),
               'kid': official_kid(*[f.astype(np.float64) for f in feats])}
-  out = run_main(f'--config={CONFIG}', '--mode=fid', f'--inputs={dir_a}', f'--inputs={dir_b}',
+  # The issue's command line: no --config (configs/fid.py supplies config.eval).
+  out = run_main('--mode=fid', f'--inputs={dir_a}', f'--inputs={dir_b}',
                  f'--config.eval.inception_weights={weights_npz}', data_dir=str(tmp_path)).stdout
   printed = dict(line.split(': ') for line in out.strip().splitlines()[-2:])
   print(f'main.py --mode fid: {printed}; official formulas: {expected}')
@@ -241,8 +242,8 @@ def test_fid_mode_errors_are_one_line(tmp_path, weights_npz):
                                  f'--inputs={folder}', f'--config.eval.inception_weights={missing}',
                                  data_dir=str(tmp_path), check=False))
   assert missing in line and 'does not exist' in line
-  line = one_error_line(run_main(f'--config={CONFIG}', '--mode=fid', f'--inputs={folder}',
-                                 f'--inputs={folder}', data_dir=str(tmp_path), check=False))
+  line = one_error_line(run_main('--mode', 'fid', f'--inputs={folder}', f'--inputs={folder}',
+                                 data_dir=str(tmp_path), check=False))
   assert 'inception_weights' in line
   bad = str(tmp_path / 'other.npz')
   np.savez(bad, **{'conv.weight': np.zeros((3, 3), np.float32)})
