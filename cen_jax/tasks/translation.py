@@ -393,6 +393,7 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
   run = eval_fn
   if fid_enabled(config):
     inception, fingerprint = inception_variables(config)
+    fingerprint += f' fid_8bit={bool(config.eval.fid_8bit)}'  # what the cached features depend on
     inception = jax.device_put(inception, eval_fn.replicated)
     real_path = real_features_path(config, split, workdir)
     real_feats = load_real_features(real_path, fingerprint,
