@@ -45,10 +45,24 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+FID_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'fid.py')
+
+
+def with_fid_default_config(argv: list) -> list:
+  """--mode=fid reads only config.eval: without --config it takes configs/fid.py, so
+  `--config.eval.inception_weights=FILE` alone works."""
+  args = argv[1:]
+  fid_mode = '--mode=fid' in args or any(a == '--mode' and b == 'fid'
+                                         for a, b in zip(args, args[1:]))
+  has_config = any(a == '--config' or a.startswith('--config=') for a in args)
+  return [argv[0], f'--config={FID_DEFAULT_CONFIG}', *args] if fid_mode and not has_config \
+      else argv
+
+
 def parse_flags(argv):
   """absl flag parsing that reports a bad flag or config override in one line."""
   try:
-    return FLAGS(argv)
+    return FLAGS(with_fid_default_config(argv))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections reports an unknown override key as AttributeError/KeyError.
     message = str(e).replace('\\n', ' ').replace("\\'", "'")

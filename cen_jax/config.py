@@ -160,6 +160,7 @@ def translation_config() -> ml_collections.ConfigDict:
 
   config.eval = e = ml_collections.ConfigDict()
   e.inception_weights = ''  # pytorch-fid InceptionV3 weights (.pth or converted .npz): FID/KID
+  e.fid_8bit = True  # truncate the min-max stretched images to 8 bits, as the official's PNGs
 
   config.distributed = distributed_config()
   return config

@@ -18,12 +18,18 @@ Evaluation follows the official (and pix2pix) convention: G normalises with inst
 and keeps dropout on (`config.model.test_dropout=False` turns it off); its dropout masks come
 from a key fixed by (seed, batch index), so an evaluation is reproducible. Metrics per branch
 and ensemble: L1 (mean |output - target| on [-1, 1]) and RMSE (root of the mean per-image
-MSE), as the official logs them.
+MSE), as the official logs them, and with `config.eval.inception_weights` FID and KID x100
+(cen_jax/fid.py): pool3 features of every output, and of the target, computed on device in the
+same pass (the official's per-image min-max stretch to 8 bits, no PNG round trip); statistics
+streamed on host in float64 and summed over processes, features gathered for KID. The target
+features of a split are cached in the workdir (fid_real/*.npz, keyed by dataset, split, size and
+weights), so later evaluations run Inception on the outputs only.
 """
 
 import collections
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -261,19 +267,122 @@ def generate(variables, x, rng, *, model: Models, config):
   return stacked_outputs(out)
 
 
-def eval_step(inputs, batch, *, model, config):
-  """Per output and example: mean |o - y| and mean (o - y)^2 [M + 1, N], and the outputs."""
-  variables, rng = inputs
+def eval_step(inputs, batch, *, model, config, with_target_features=True):
+  """Per output and example: mean |o - y| and mean (o - y)^2 [M + 1, N], the outputs, and with
+  Inception variables (inputs[2] not None) pool3 features [M + 1 (+ 1 target), N, 2048]."""
+  variables, rng, inception = inputs
   outputs = generate(variables, batch['x'], rng, model=model, config=config)
   diff = outputs.astype(jnp.float32) - batch['target'][None].astype(jnp.float32)
   axes = (2, 3, 4)
-  return jnp.mean(jnp.abs(diff), axes), jnp.mean(jnp.square(diff), axes), outputs
+  l1, mse = jnp.mean(jnp.abs(diff), axes), jnp.mean(jnp.square(diff), axes)
+  if inception is None:
+    return l1, mse, outputs
+  from cen_jax import fid
+  images = outputs.astype(jnp.float32)
+  if with_target_features:
+    images = jnp.concatenate([images, batch['target'][None].astype(jnp.float32)], axis=0)
+  images = fid.stretch_to_unit_range(images.reshape((-1,) + images.shape[2:]),
+                                     quantize=config.eval.fid_8bit)
+  feats = fid.features(inception, images)
+  return l1, mse, outputs, feats.reshape((-1, outputs.shape[1], feats.shape[-1]))
+
+
+def fid_enabled(config) -> bool:
+  return bool(config.eval.inception_weights) if 'eval' in config else False
 
 
 def make_eval_fn(config, model):
+  """run((variables, key, inception variables or None), host_batch); with FID on, the variant
+  without target features is run.outputs_only."""
   from cen_jax import train
-  return train.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
-                             BATCH_KEYS, reduced_outputs=(False, False, False))
+
+  def build(with_target_features):
+    step = functools.partial(eval_step, model=model, config=config,
+                             with_target_features=with_target_features)
+    return train.local_eval_fn(config, step, BATCH_KEYS,
+                               reduced_outputs=(False,) * (4 if fid_enabled(config) else 3))
+
+  run = build(True)
+  if fid_enabled(config):
+    run.outputs_only = build(False)
+  elif jax.process_index() == 0:
+    print('fid/kid: skipped (config.eval.inception_weights is not set; give the pytorch-fid '
+          'pt_inception-2015-12-05-*.pth or its .npz)', file=sys.stderr)
+  return run
+
+
+_INCEPTION_CACHE = {}
+
+
+def inception_variables(config) -> dict:
+  """The FID Inception's variables from config.eval.inception_weights (read once per file)."""
+  from cen_jax import fid
+  path = config.eval.inception_weights
+  key = (path, os.path.getmtime(path) if os.path.isfile(path) else None)
+  if key not in _INCEPTION_CACHE:
+    variables = fid.load_weights(path)
+    _INCEPTION_CACHE.clear()
+    _INCEPTION_CACHE[key] = (variables, fid.weights_fingerprint(variables))
+  return _INCEPTION_CACHE[key]
+
+
+def real_features_path(config, split: str, workdir) -> str | None:
+  if workdir is None:
+    return None
+  d = config.data
+  name = f'{d.name}-{d.builder_config or "default"}-{d.target}-{split}-{d.crop_size}.npz'
+  return os.path.join(workdir, 'fid_real', name)
+
+
+def load_real_features(path, fingerprint: str, count: int):
+  """Cached target features, or None when absent or made for other weights/data."""
+  if path is None or not os.path.isfile(path):
+    return None
+  try:
+    with np.load(path) as cached:
+      if str(cached['weights']) != fingerprint or cached['features'].shape[0] != count:
+        return None
+      return np.asarray(cached['features'], np.float32)
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def save_real_features(path, fingerprint: str, feats) -> None:
+  from cen_jax.io_utils import atomic_write
+  if path is None or jax.process_index() != 0:
+    return
+  with atomic_write(path, 'wb') as f:
+    np.savez(f, features=np.asarray(feats, np.float32), weights=np.asarray(fingerprint))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+  """[O, n_local, d] from every process -> [O, n_total, d] (process order)."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  counts = np.asarray(multihost_utils.process_allgather(np.int64(local.shape[1]))).reshape(-1)
+  padded = np.zeros(local.shape[:1] + (int(counts.max()),) + local.shape[2:], local.dtype)
+  padded[:, :local.shape[1]] = local
+  everything = np.asarray(multihost_utils.process_allgather(padded))  # [P, O, max, d]
+  return np.concatenate([everything[p, :, :c] for p, c in enumerate(counts)], axis=1)
+
+
+def sum_stats_over_processes(stats):
+  from cen_jax import fid, train
+  flat = train.sum_over_processes(np.concatenate([[s.count] for s in stats] +
+                                                 [s.total for s in stats] +
+                                                 [s.gram.ravel() for s in stats]))
+  o, d = len(stats), stats[0].total.shape[0]
+  counts, totals, grams = np.split(flat, [o, o + o * d])
+  return [fid.FeatureStats(int(round(counts[i])), totals.reshape(o, d)[i],
+                           grams.reshape(o, d, d)[i]) for i in range(o)]
+
+
+def fid_kid_scores(output_stats, output_feats, real_stats, real_feats, *, seed) -> list[dict]:
+  from cen_jax import fid
+  return [{'fid': fid.fid_from_stats(stats, real_stats),
+           'kid': fid.kid(feats, real_feats, seed=seed)}
+          for stats, feats in zip(output_stats, output_feats)]
 
 
 def eval_key(config, batch_index: int):
@@ -283,32 +392,66 @@ def eval_key(config, batch_index: int):
 
 def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
              eval_fn=None) -> dict:
-  """L1 and RMSE of every branch and the ensemble over the whole split (each process its
-  share; sums combined over processes). Writes eval_results.json and a preview."""
-  from cen_jax import input_pipeline, train
+  """L1 and RMSE (and with inception weights FID and KID x100) of every branch and the ensemble
+  over the whole split (each process its share; sums combined over processes). Writes
+  eval_results.json and a preview."""
+  from cen_jax import fid, input_pipeline, train
   eval_fn = eval_fn or make_eval_fn(config, model)
   variables = jax.device_put(variables, eval_fn.replicated)
   names = output_names(config)
   sums = np.zeros((2, len(names)), np.float64)  # per output: sum of per-image L1, of MSE
   count = 0
   preview = None
+  inception = real_feats = real_path = fingerprint = None
+  run = eval_fn
+  if fid_enabled(config):
+    inception, fingerprint = inception_variables(config)
+    fingerprint += f' fid_8bit={bool(config.eval.fid_8bit)}'  # what the cached features depend on
+    inception = jax.device_put(inception, eval_fn.replicated)
+    real_path = real_features_path(config, split, workdir)
+    real_feats = load_real_features(real_path, fingerprint,
+                                    input_pipeline.num_examples(config, split))
+    cached_everywhere = train.sum_over_processes(
+        np.asarray([real_feats is not None], np.int64))[0] == jax.process_count()
+    if cached_everywhere:
+      run = eval_fn.outputs_only
+    else:
+      real_feats = None
+    stats = [fid.empty_stats() for _ in range(len(names) + (real_feats is None))]
+    local_feats = [[] for _ in stats]
   batches = input_pipeline.eval_iterator(
       config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,
       process_index=jax.process_index(), process_count=jax.process_count())
   for index, batch in enumerate(batches):
     key = jax.device_put(eval_key(config, index * jax.process_count() + jax.process_index()),
                          eval_fn.replicated)
-    l1, mse, outputs = eval_fn((variables, key), batch)
+    l1, mse, outputs, *feats = run((variables, key, inception), batch)
     valid = np.asarray(batch['valid'], bool)
     l1, mse = np.asarray(l1, np.float64)[:, valid], np.asarray(mse, np.float64)[:, valid]
     sums += np.stack([l1.sum(1), mse.sum(1)])
     count += int(valid.sum())
+    if feats:
+      feats = np.asarray(feats[0])[:, valid]
+      stats = [fid.add_features(s, f) for s, f in zip(stats, feats)]
+      for kept, f in zip(local_feats, feats):
+        kept.append(f)
     if preview is None and config.train.num_previews > 0:
       preview = preview_image(config, batch, outputs)
   totals = train.sum_over_processes(np.concatenate([sums.ravel(), [count]]))
   sums, count = totals[:-1].reshape(sums.shape), max(int(totals[-1]), 1)
   metrics = {n: {'l1': float(sums[0, o] / count), 'rmse': float(np.sqrt(sums[1, o] / count))}
              for o, n in enumerate(names)}
+  if inception is not None:
+    all_feats = gather_rows(np.stack([np.concatenate(f) for f in local_feats]))
+    stats = sum_stats_over_processes(stats)
+    if real_feats is None:  # computed in this pass: streamed like the outputs'
+      real_feats, real_stats = all_feats[-1], stats[-1]
+      save_real_features(real_path, fingerprint, real_feats)
+    else:
+      real_stats = fid.stats_of(real_feats)
+    for name, scores in zip(names, fid_kid_scores(stats[:len(names)], all_feats[:len(names)],
+                                                  real_stats, real_feats, seed=config.seed)):
+      metrics[name].update(scores)
   results = {'step': int(step), 'split': split, 'metrics': metrics}
   train.write_eval_outputs(config, results, workdir=workdir, writer=writer, preview=preview)
   return results
@@ -319,7 +462,8 @@ def best_value(results) -> float:
 
 
 def progress_line(results) -> str:
-  return ', '.join(f'{n} L1 {s["l1"]:.4f} RMSE {s["rmse"]:.4f}'
+  return ', '.join(f'{n} L1 {s["l1"]:.4f} RMSE {s["rmse"]:.4f}' +
+                   (f' FID {s["fid"]:.2f} KIDx100 {s["kid"]:.4f}' if 'fid' in s else '')
                    for n, s in results['metrics'].items())
 
 
