@@ -1,0 +1,149 @@
+"""Worker for benchmarks/train_step.py: the official CEN PyTorch train step (or forward pass),
+built from the official repository's own model code, driven over stdin/stdout.
+
+Runs under a Python that has torch (e.g. .venv-torch/bin/python); imports nothing from cen_jax.
+`--official_repo` is a checkout of yikaiw/CEN or its bare git dir; its `semantic_segmentation`
+folder is extracted to a temporary directory and imported from there.
+
+The step is the body of the official `main.train` (semantic_segmentation/main.py) on CPU:
+frozen BN (BatchNorm modules in eval mode), NLLLoss(ignore 255) of LogSoftmax of every output
+(M branches + ensemble) bilinearly upsampled to the label size, lamda * L1 of the partitioned
+bn2 scales once per output, and the two SGD optimisers (encoder / decoder) of
+`create_optimisers`.
+
+Protocol (one JSON object per line): {"cmd": "setup", ...case} -> {"params", "first_s"};
+{"cmd": "run"} -> {"seconds"}; {"cmd": "memory"} -> {"peak_rss_mib"}; {"cmd": "quit"}.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ENCODER_PARAM = re.compile('.*conv1.*|.*bn1.*|.*layer.*')  # official main.py
+IGNORE_LABEL = 255
+
+
+def extract_official(repo: str, dest: str) -> str:
+  """Path of an importable `semantic_segmentation` folder of the official repository."""
+  checkout = os.path.join(repo, 'semantic_segmentation')
+  if os.path.isdir(checkout):
+    return checkout
+  archive = subprocess.run(['git', '--git-dir', repo, 'archive', 'HEAD', 'semantic_segmentation'],
+                           check=True, capture_output=True).stdout
+  subprocess.run(['tar', '-x', '-C', dest], input=archive, check=True)
+  return os.path.join(dest, 'semantic_segmentation')
+
+
+def synthetic_batch(case, seed=0):
+  """The same inputs as the cen-jax worker: M images [N, 3, H, W] and a mask [N, H, W]."""
+  rng = np.random.default_rng(seed)
+  m, n, h, w = case['branches'], case['batch'], case['height'], case['width']
+  x = rng.standard_normal((m, n, h, w, 3)).astype(np.float32)
+  mask = rng.integers(0, case['classes'], (n, h, w)).astype(np.int64)
+  mask[rng.random((n, h, w)) < 0.1] = IGNORE_LABEL
+  inputs = [torch.from_numpy(np.ascontiguousarray(x[i].transpose(0, 3, 1, 2))) for i in range(m)]
+  return inputs, torch.from_numpy(mask)
+
+
+def slim_params(model):
+  """The official L1 list: half of every bn2 weight, alternating first / second half."""
+  out = []
+  for name, param in model.named_parameters():
+    if param.requires_grad and name.endswith('weight') and 'bn2' in name:
+      half = len(param) // 2
+      out.append(param[:half] if len(out) % 2 == 0 else param[half:])
+  return out
+
+
+def optimisers(model, case):
+  enc = [p for n, p in model.named_parameters() if ENCODER_PARAM.match(n)]
+  dec = [p for n, p in model.named_parameters() if not ENCODER_PARAM.match(n)]
+  return (torch.optim.SGD(enc, lr=case['lr_enc'], momentum=0.9, weight_decay=1e-5),
+          torch.optim.SGD(dec, lr=case['lr_dec'], momentum=0.9, weight_decay=1e-5))
+
+
+class OfficialStep:
+  def __init__(self, official_dir, case):
+    sys.path.insert(0, official_dir)
+    from models.model import refinenet  # the official model code
+    torch.manual_seed(0)
+    self.case = case
+    self.model = refinenet(case['resnet'], case['classes'], case['branches'], 2e-2)
+    self.inputs, self.target = synthetic_batch(case)
+    if case['mode'] == 'train':
+      self.model.train()
+      for module in self.model.modules():  # official freeze_bn
+        if isinstance(module, nn.BatchNorm2d):
+          module.eval()
+      self.optims = optimisers(self.model, case)
+      self.crit = nn.NLLLoss(ignore_index=IGNORE_LABEL)
+    else:
+      self.model.eval()
+
+  def params(self) -> int:
+    return sum(p.numel() for p in self.model.parameters())
+
+  def __call__(self):
+    if self.case['mode'] == 'forward':
+      with torch.no_grad():
+        outputs, _ = self.model(self.inputs)
+      return
+    slim = slim_params(self.model)
+    outputs, _ = self.model(self.inputs)
+    loss = 0
+    for output in outputs:
+      output = F.interpolate(output, size=self.target.size()[1:], mode='bilinear',
+                             align_corners=False)
+      loss += self.crit(F.log_softmax(output, dim=1), self.target)
+      loss += 2e-4 * sum(torch.abs(p).sum() for p in slim)
+    for opt in self.optims:
+      opt.zero_grad()
+    loss.backward()
+    for opt in self.optims:
+      opt.step()
+    loss.item()
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--official_repo', required=True)
+  args = parser.parse_args()
+  step = None
+  with tempfile.TemporaryDirectory() as tmp:
+    official_dir = extract_official(args.official_repo, tmp)
+    for line in sys.stdin:
+      msg = json.loads(line)
+      if msg['cmd'] == 'setup':
+        step = OfficialStep(official_dir, msg['case'])
+        start = time.perf_counter()
+        step()
+        reply = {'params': step.params(), 'first_s': time.perf_counter() - start,
+                 'version': torch.__version__, 'threads': torch.get_num_threads()}
+      elif msg['cmd'] == 'run':
+        start = time.perf_counter()
+        step()
+        reply = {'seconds': time.perf_counter() - start}
+      elif msg['cmd'] == 'memory':
+        reply = {'peak_rss_mib': peak_rss_mib()}
+      else:
+        return
+      print(json.dumps(reply), flush=True)
+
+
+if __name__ == '__main__':
+  main()

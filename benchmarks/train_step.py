@@ -1,0 +1,260 @@
+"""cen-jax train step (and forward pass) against the official PyTorch CEN, side by side.
+
+  .venv/bin/python benchmarks/train_step.py \
+      --official_repo /path/to/CEN --torch_python .venv-torch/bin/python
+
+For every case a cen-jax worker process and (with --official_repo) an official PyTorch worker
+process (benchmarks/official_torch_step.py, run by --torch_python) build the same network on the
+same synthetic batch; the parent then alternates single steps between them (ABBA order) so both
+see the same machine load, and prints the medians and their ratio as one table. Default cases:
+RefineNet-LW on ResNet-50, M = 2, 40 classes, frozen BN, two SGD groups, CE on the M + 1
+outputs + L1, 128x128 and 256x256 batch 2 (train step); ResNet-101 480x640 batch 1 (forward,
+eval mode). Compile time (cen-jax: lower + compile) and the first PyTorch step are reported
+apart from the step times; peak memory is each worker process's peak RSS (one process per case).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IGNORE_LABEL = 255
+
+
+# ----------------------------------------------------------------------------- cen-jax worker
+
+def synthetic_batch(case, seed=0):
+  """Same generator as official_torch_step.synthetic_batch: x [M, N, H, W, 3], mask [N, H, W]."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  m, n, h, w = case['branches'], case['batch'], case['height'], case['width']
+  x = rng.standard_normal((m, n, h, w, 3)).astype(np.float32)
+  mask = rng.integers(0, case['classes'], (n, h, w)).astype(np.int64)
+  mask[rng.random((n, h, w)) < 0.1] = IGNORE_LABEL
+  return x, mask.astype(np.int32)
+
+
+def jax_config(case):
+  from cen_jax import config as config_lib
+  config = config_lib.base_config()
+  config.model.resnet = case['resnet']
+  config.model.num_classes = case['classes']
+  config.modalities = ('rgb', 'depth', 'extra1', 'extra2')[:case['branches']]
+  config.train.batch_size = case['batch']
+  config.train.lr_enc = (case['lr_enc'],) * 3
+  config.train.lr_dec = (case['lr_dec'],) * 3
+  return config
+
+
+class JaxStep:
+  """One jitted cen-jax step on one device: the task's train step (shard_map over a 1-device
+  mesh, as the runner does) or the eval-mode forward pass."""
+
+  def __init__(self, case):
+    import jax
+    from jax.sharding import Mesh, PartitionSpec as P
+    import numpy as np
+    from cen_jax import train as train_lib
+    from cen_jax.tasks import segmentation
+
+    config = jax_config(case)
+    model = segmentation.build(config)
+    variables = segmentation.init_variables(config, model, jax.random.key(0))
+    x, mask = synthetic_batch(case)
+    self.params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables['params']))
+    start = time.perf_counter()
+    if case['mode'] == 'train':
+      state = segmentation.state_from_variables(config, variables)
+      starts = segmentation.stage_starts(config, 10 ** 6)
+      step = segmentation.make_train_step(config, model, starts)
+      mesh = Mesh(np.asarray(jax.devices()[:1]), (train_lib.AXIS,))
+      specs = train_lib.batch_specs(segmentation.BATCH_KEYS)
+      mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()),
+                             check_vma=False)
+      self.args = [state, {'x': x, 'mask': mask}]
+      self.compiled = jax.jit(mapped, donate_argnums=(0,)).lower(*self.args).compile()
+    else:
+      forward = lambda v, x: model.apply(v, x, train=False)
+      self.args = [variables, x]
+      self.compiled = jax.jit(forward).lower(*self.args).compile()
+    self.compile_s = time.perf_counter() - start
+    self.mode = case['mode']
+    mem = self.compiled.memory_analysis()
+    self.xla_mib = None if mem is None else (
+        mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20
+
+  def __call__(self):
+    import jax
+    out = self.compiled(*self.args)
+    jax.block_until_ready(out)
+    if self.mode == 'train':
+      self.args[0] = out[0]  # the state was donated
+
+
+def serve(make_step):
+  """Answer the parent's JSON-line commands (see official_torch_step.py)."""
+  step = None
+  for line in sys.stdin:
+    msg = json.loads(line)
+    if msg['cmd'] == 'setup':
+      step = make_step(msg['case'])
+      start = time.perf_counter()
+      step()
+      reply = {'params': step.params, 'first_s': time.perf_counter() - start,
+               'compile_s': step.compile_s, 'xla_mib': step.xla_mib}
+    elif msg['cmd'] == 'run':
+      start = time.perf_counter()
+      step()
+      reply = {'seconds': time.perf_counter() - start}
+    elif msg['cmd'] == 'memory':
+      reply = {'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    else:
+      return
+    print(json.dumps(reply), flush=True)
+
+
+def jax_worker():
+  sys.path.insert(0, ROOT)
+  import jax
+  import jaxlib
+  sys.stderr.write(f'cen-jax worker: jax {jax.__version__}, backend {jax.default_backend()}\n')
+  serve(JaxStep)
+
+
+# ----------------------------------------------------------------------------- parent
+
+class Worker:
+  def __init__(self, argv):
+    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, cwd=ROOT)
+
+  def ask(self, **msg):
+    self.proc.stdin.write(json.dumps(msg) + '\n')
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'worker {self.proc.args} exited with {self.proc.wait()}')
+    return json.loads(line)
+
+  def close(self):
+    try:
+      self.proc.stdin.write(json.dumps({'cmd': 'quit'}) + '\n')
+      self.proc.stdin.close()
+    except BrokenPipeError:
+      pass
+    self.proc.wait()
+
+
+def parse_shape(text):
+  h, w = text.lower().split('x')
+  return int(h), int(w)
+
+
+def cases(args):
+  common = dict(branches=args.branches, classes=args.classes, lr_enc=5e-4, lr_dec=3e-3)
+  out = []
+  for shape in args.shapes:
+    h, w = parse_shape(shape)
+    out.append(dict(common, mode='train', resnet=args.resnet, height=h, width=w,
+                    batch=args.batch))
+  if args.forward_shape:
+    h, w = parse_shape(args.forward_shape)
+    out.append(dict(common, mode='forward', resnet=args.forward_resnet, height=h, width=w,
+                    batch=args.forward_batch))
+  return out
+
+
+def case_name(case):
+  kind = 'train step' if case['mode'] == 'train' else 'forward only'
+  return f"{kind}, R{case['resnet']} {case['height']}x{case['width']}, batch {case['batch']}"
+
+
+def measure(case, args):
+  """Median seconds of `args.steps` alternated steps of each worker, plus set-up figures."""
+  workers = {'jax': Worker([args.jax_python, os.path.abspath(__file__), '--worker'])}
+  if args.official_repo:
+    workers['torch'] = Worker([args.torch_python,
+                               os.path.join(ROOT, 'benchmarks', 'official_torch_step.py'),
+                               '--official_repo', os.path.abspath(args.official_repo)])
+  try:
+    setup = {k: w.ask(cmd='setup', case=case) for k, w in workers.items()}  # one at a time
+    times = {k: [] for k in workers}
+    order = list(workers)
+    for i in range(args.warmup + args.steps):
+      last = {}
+      for k in (order if i % 2 == 0 else order[::-1]):  # ABBA: neither always runs first
+        last[k] = workers[k].ask(cmd='run')['seconds']
+        if i >= args.warmup:
+          times[k].append(last[k])
+      print(f'  {case_name(case)}: step {i}: ' +
+            ', '.join(f'{k} {s:.3f} s' for k, s in last.items()), file=sys.stderr, flush=True)
+    memory = {k: w.ask(cmd='memory')['peak_rss_mib'] for k, w in workers.items()}
+  finally:
+    for w in workers.values():
+      w.close()
+  return {k: dict(setup[k], median_s=statistics.median(times[k]), times=times[k],
+                  peak_rss_mib=memory[k]) for k in workers}
+
+
+def table(results):
+  rows = ['| case | official PyTorch (s) | cen-jax (s) | cen-jax speed vs official '
+          '| cen-jax compile (s) | official first step (s) | peak RSS official / cen-jax (MiB) '
+          '| XLA buffers (MiB) |',
+          '|---|---|---|---|---|---|---|---|']
+  for case, r in results:
+    jax_r, torch_r = r['jax'], r.get('torch')
+    ratio = f"{torch_r['median_s'] / jax_r['median_s']:.2f}x" if torch_r else '-'
+    rows.append(' | '.join([
+        f'| {case_name(case)}',
+        f"{torch_r['median_s']:.3f}" if torch_r else '-',
+        f"{jax_r['median_s']:.3f}",
+        ratio,
+        f"{jax_r['compile_s']:.1f}",
+        f"{torch_r['first_s']:.2f}" if torch_r else '-',
+        (f"{torch_r['peak_rss_mib']:.0f} / " if torch_r else '- / ') + f"{jax_r['peak_rss_mib']:.0f}",
+        f"{jax_r['xla_mib']:.0f}" if jax_r['xla_mib'] is not None else '-',
+    ]) + ' |')
+  return '\n'.join(rows)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--official_repo', default='',
+                      help='checkout or git dir of the official CEN repository (yikaiw/CEN)')
+  parser.add_argument('--torch_python', default=os.path.join(ROOT, '.venv-torch', 'bin', 'python'))
+  parser.add_argument('--jax_python', default=sys.executable)
+  parser.add_argument('--shapes', nargs='*', default=['128x128', '256x256'])
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--resnet', type=int, default=50)
+  parser.add_argument('--branches', type=int, default=2, help='M (the official model needs 2)')
+  parser.add_argument('--classes', type=int, default=40)
+  parser.add_argument('--forward_shape', default='480x640', help="'' to skip")
+  parser.add_argument('--forward_resnet', type=int, default=101)
+  parser.add_argument('--forward_batch', type=int, default=1)
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per worker and case')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first')
+  parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    return jax_worker()
+
+  results = []
+  for case in cases(args):
+    results.append((case, measure(case, args)))
+  first = results[0][1]
+  print(f"parameters: cen-jax {first['jax']['params']:,}" +
+        (f", official {first['torch']['params']:,} (torch {first['torch']['version']}, "
+         f"{first['torch']['threads']} threads)" if 'torch' in first else ''))
+  print(f'cpus: {os.cpu_count()}, load average at the end: '
+        f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}; median of {args.steps} alternated '
+        f'steps after {args.warmup} warm-up')
+  print(table(results))
+
+
+if __name__ == '__main__':
+  main()
