@@ -175,10 +175,65 @@ PrivateInstanceNorm = _private(InstanceNorm)
 
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
-  """torch MaxPool2d(window, stride, padding) on [M, N, H, W, C] (pads with -inf)."""
-  pad = ((padding, padding), (padding, padding))
-  y = nn.max_pool(fold(x), (window, window), (stride, stride), pad)
+  """torch MaxPool2d(window, stride, padding) on [M, N, H, W, C] (pads with -inf).
+
+  The gradient goes to the first maximal element of each window in row-major order (torch's
+  and XLA's select-and-scatter rule). On CPU a stride-1 pool is computed as two separable
+  1-D pools (`separable_max_pool`): XLA:CPU's select-and-scatter gradient is ~3x slower than
+  torch's (jax_notes.md §7b), while the separable gradient is a few elementwise selects.
+  """
+  if stride == 1 and jax.default_backend() == 'cpu':
+    y = separable_max_pool(fold(x), window, padding)
+  else:
+    pad = ((padding, padding), (padding, padding))
+    y = nn.max_pool(fold(x), (window, window), (stride, stride), pad)
   return unfold(y, x.shape[0])
+
+
+def separable_max_pool(x: jax.Array, window: int, padding: int) -> jax.Array:
+  """Stride-1 `window` x `window` max-pool of [N, H, W, C], -inf padded: a 1-D pool along W,
+  then along H. With first-maximum gradients in both, the gradient of the 2-D pool reaches
+  the first maximal element in row-major order: the first row whose maximum is the window's,
+  and in it the first maximal column, as reduce_window's gradient does."""
+  return max_pool_1d(max_pool_1d(x, 2, window, padding), 1, window, padding)
+
+
+def _shifted_windows(x: jax.Array, axis: int, window: int, padding: int) -> list:
+  """The `window` slices s_d[i] = x_padded[i + d] (d = 0 .. window - 1) along `axis`, x padded
+  with -inf: the stride-1 1-D pool is their elementwise maximum."""
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (padding, padding)
+  padded = jnp.pad(x, pads, constant_values=-jnp.inf)
+  size = x.shape[axis] + 2 * padding - window + 1
+  return [jax.lax.slice_in_dim(padded, d, d + size, axis=axis) for d in range(window)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_1d(x: jax.Array, axis: int, window: int, padding: int) -> jax.Array:
+  """Stride-1 1-D max-pool along `axis` (-inf padding); the gradient of each output goes to
+  the first maximal element of its window (no splitting between ties, unlike jnp.maximum's)."""
+  return functools.reduce(jnp.maximum, _shifted_windows(x, axis, window, padding))
+
+
+def _max_pool_1d_fwd(x, axis, window, padding):
+  y = max_pool_1d(x, axis, window, padding)
+  return y, (x, y)
+
+
+def _max_pool_1d_bwd(axis, window, padding, residuals, g):
+  x, y = residuals
+  taken = jnp.zeros(y.shape, bool)
+  grad_padded = 0.0
+  for d, shifted in enumerate(_shifted_windows(x, axis, window, padding)):
+    first = (shifted == y) & ~taken  # offset d holds the maximum and no earlier offset did
+    taken = taken | first
+    pads = [(0, 0)] * y.ndim
+    pads[axis] = (d, window - 1 - d)  # output i came from padded input i + d
+    grad_padded = grad_padded + jnp.pad(jnp.where(first, g, jnp.zeros_like(g)), pads)
+  return (jax.lax.slice_in_dim(grad_padded, padding, padding + x.shape[axis], axis=axis),)
+
+
+max_pool_1d.defvjp(_max_pool_1d_fwd, _max_pool_1d_bwd)
 
 
 @functools.lru_cache(maxsize=None)
