@@ -32,6 +32,13 @@ class TrainState:
   opt_state: Any
 
 
+def sum_over_devices(tree):
+  """`jax.lax.psum(tree, AXIS)`, skipped when AXIS has one device: XLA:CPU runs even a
+  one-device all-reduce as a copy of every leaf (~0.25 s a step for the ResNet-50 gradients
+  on 2 cores)."""
+  return tree if jax.lax.axis_size(AXIS) == 1 else jax.lax.psum(tree, AXIS)
+
+
 def _task(config):
   from cen_jax import tasks
   return tasks.get(config)

@@ -22,7 +22,7 @@ from cen_jax import metrics as metrics_lib
 from cen_jax.layers import resize
 from cen_jax.models import (branch_names, build_model, exchange_scales, fusion_options,
                             is_encoder, path_str)
-from cen_jax.train import AXIS, TrainState, all_finite
+from cen_jax.train import AXIS, TrainState, all_finite, sum_over_devices
 
 BATCH_KEYS = ('mask',)
 BEST_METRIC = 'ensemble_miou'
@@ -182,7 +182,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     return total, (ce, l1, outputs, new_vars.get('batch_stats', state.batch_stats))
 
   grads, (ce, l1, outputs, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
-  grads = jax.lax.psum(grads, AXIS)
+  grads = sum_over_devices(grads)
   ce = jax.lax.psum(ce, AXIS)
   lr_enc, lr_dec = stage_learning_rates(config, starts, state.step)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -38,7 +38,7 @@ import optax
 
 from cen_jax import fusion
 from cen_jax import fusions
-from cen_jax.train import AXIS, TrainState, all_finite
+from cen_jax.train import AXIS, TrainState, all_finite, sum_over_devices
 
 BATCH_KEYS = ('target',)
 BEST_METRIC = 'ensemble_l1'
@@ -198,7 +198,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     return jnp.sum(0.5 * (real + false)), (real, false, stats)
 
   d_grads, (d_real, d_fake, d_stats) = jax.grad(d_objective, has_aux=True)(d_params)
-  d_grads = jax.lax.psum(d_grads, AXIS)
+  d_grads = sum_over_devices(d_grads)
   d_updates, d_opt = tx['discriminator'].update(d_grads, state.opt_state['discriminator'],
                                                 d_params)
   d_params = optax.apply_updates(d_params, d_updates)
@@ -224,7 +224,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
   g_params = state.params['generator']
   g_grads, aux = jax.grad(g_objective, has_aux=True)(g_params)
   adversarial, pixel_l1, slim, g_stats, d_stats, alpha = aux
-  g_grads = jax.lax.psum(g_grads, AXIS)
+  g_grads = sum_over_devices(g_grads)
   g_updates, g_opt = tx['generator'].update(g_grads, state.opt_state['generator'], g_params)
   g_params = optax.apply_updates(g_params, g_updates)
 
