@@ -12,7 +12,7 @@ bn2 scales once per output, and the two SGD optimisers (encoder / decoder) of
 `create_optimisers`.
 
 Protocol (one JSON object per line): {"cmd": "setup", ...case} -> {"params", "first_s"};
-{"cmd": "run"} -> {"seconds"}; {"cmd": "memory"} -> {"peak_rss_mib"}; {"cmd": "quit"}.
+{"cmd": "run"} -> {"seconds", "cpu_s"}; {"cmd": "memory"} -> {"peak_rss_mib"}; {"cmd": "quit"}.
 """
 
 import argparse
@@ -135,9 +135,12 @@ def main():
         reply = {'params': step.params(), 'first_s': time.perf_counter() - start,
                  'version': torch.__version__, 'threads': torch.get_num_threads()}
       elif msg['cmd'] == 'run':
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         step()
         reply = {'seconds': time.perf_counter() - start}
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        reply['cpu_s'] = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
       elif msg['cmd'] == 'memory':
         reply = {'peak_rss_mib': peak_rss_mib()}
       else:

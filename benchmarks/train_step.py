@@ -10,7 +10,9 @@ see the same machine load, and prints the medians and their ratio as one table. 
 RefineNet-LW on ResNet-50, M = 2, 40 classes, frozen BN, two SGD groups, CE on the M + 1
 outputs + L1, 128x128 and 256x256 batch 2 (train step); ResNet-101 480x640 batch 1 (forward,
 eval mode). Compile time (cen-jax: lower + compile) and the first PyTorch step are reported
-apart from the step times; peak memory is each worker process's peak RSS (one process per case).
+apart from the step times; so are the process CPU seconds per step (less sensitive than wall time
+to other jobs on the machine) and each worker process's peak RSS (one process per case).
+`--compare_tree` times a second cen-jax checkout (e.g. one before a change) in the same rotation.
 """
 
 import argparse
@@ -96,6 +98,17 @@ class JaxStep:
       self.args[0] = out[0]  # the state was donated
 
 
+def timed(step) -> dict:
+  """Wall seconds and process CPU seconds (user + system, all threads) of one step."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  start = time.perf_counter()
+  step()
+  seconds = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+  return {'seconds': seconds, 'cpu_s': cpu}
+
+
 def serve(make_step):
   """Answer the parent's JSON-line commands (see official_torch_step.py)."""
   step = None
@@ -108,9 +121,7 @@ def serve(make_step):
       reply = {'params': step.params, 'first_s': time.perf_counter() - start,
                'compile_s': step.compile_s, 'xla_mib': step.xla_mib}
     elif msg['cmd'] == 'run':
-      start = time.perf_counter()
-      step()
-      reply = {'seconds': time.perf_counter() - start}
+      reply = timed(step)
     elif msg['cmd'] == 'memory':
       reply = {'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
     else:
@@ -177,6 +188,9 @@ def case_name(case):
 def measure(case, args):
   """Median seconds of `args.steps` alternated steps of each worker, plus set-up figures."""
   workers = {'jax': Worker([args.jax_python, os.path.abspath(__file__), '--worker'])}
+  if args.compare_tree:
+    workers['jax_other'] = Worker([args.jax_python, os.path.join(
+        os.path.abspath(args.compare_tree), 'benchmarks', 'train_step.py'), '--worker'])
   if args.official_repo:
     workers['torch'] = Worker([args.torch_python,
                                os.path.join(ROOT, 'benchmarks', 'official_torch_step.py'),
@@ -184,13 +198,16 @@ def measure(case, args):
   try:
     setup = {k: w.ask(cmd='setup', case=case) for k, w in workers.items()}  # one at a time
     times = {k: [] for k in workers}
+    cpu = {k: [] for k in workers}
     order = list(workers)
     for i in range(args.warmup + args.steps):
       last = {}
-      for k in (order if i % 2 == 0 else order[::-1]):  # ABBA: neither always runs first
-        last[k] = workers[k].ask(cmd='run')['seconds']
+      for k in (order if i % 2 == 0 else order[::-1]):  # ABBA: none always runs first
+        reply = workers[k].ask(cmd='run')
+        last[k] = reply['seconds']
         if i >= args.warmup:
-          times[k].append(last[k])
+          times[k].append(reply['seconds'])
+          cpu[k].append(reply.get('cpu_s', float('nan')))
       print(f'  {case_name(case)}: step {i}: ' +
             ', '.join(f'{k} {s:.3f} s' for k, s in last.items()), file=sys.stderr, flush=True)
     memory = {k: w.ask(cmd='memory')['peak_rss_mib'] for k, w in workers.items()}
@@ -198,22 +215,27 @@ def measure(case, args):
     for w in workers.values():
       w.close()
   return {k: dict(setup[k], median_s=statistics.median(times[k]), times=times[k],
-                  peak_rss_mib=memory[k]) for k in workers}
+                  cpu_s=statistics.median(cpu[k]), peak_rss_mib=memory[k]) for k in workers}
 
 
-def table(results):
+def table(results, compare_tree=''):
+  other = (f' | cen-jax at {compare_tree} (s) | speed-up vs it') if compare_tree else ''
   rows = ['| case | official PyTorch (s) | cen-jax (s) | cen-jax speed vs official '
-          '| cen-jax compile (s) | official first step (s) | peak RSS official / cen-jax (MiB) '
-          '| XLA buffers (MiB) |',
-          '|---|---|---|---|---|---|---|---|']
+          '| CPU s/step official / cen-jax' + other + ' | cen-jax compile (s) '
+          '| official first step (s) | peak RSS official / cen-jax (MiB) | XLA buffers (MiB) |',
+          '|---|---|---|---|---|' + ('---|---|' if compare_tree else '') + '---|---|---|---|']
   for case, r in results:
-    jax_r, torch_r = r['jax'], r.get('torch')
+    jax_r, torch_r, other_r = r['jax'], r.get('torch'), r.get('jax_other')
     ratio = f"{torch_r['median_s'] / jax_r['median_s']:.2f}x" if torch_r else '-'
+    compared = [f"{other_r['median_s']:.3f}",
+                f"{other_r['median_s'] / jax_r['median_s']:.2f}x"] if other_r else []
     rows.append(' | '.join([
         f'| {case_name(case)}',
         f"{torch_r['median_s']:.3f}" if torch_r else '-',
         f"{jax_r['median_s']:.3f}",
         ratio,
+        (f"{torch_r['cpu_s']:.1f} / " if torch_r else '- / ') + f"{jax_r['cpu_s']:.1f}",
+        *compared,
         f"{jax_r['compile_s']:.1f}",
         f"{torch_r['first_s']:.2f}" if torch_r else '-',
         (f"{torch_r['peak_rss_mib']:.0f} / " if torch_r else '- / ') + f"{jax_r['peak_rss_mib']:.0f}",
@@ -238,6 +260,8 @@ def main():
   parser.add_argument('--forward_batch', type=int, default=1)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per worker and case')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first')
+  parser.add_argument('--compare_tree', default='',
+                      help='another cen-jax checkout (e.g. before a change) timed alongside')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -253,7 +277,7 @@ def main():
   print(f'cpus: {os.cpu_count()}, load average at the end: '
         f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}; median of {args.steps} alternated '
         f'steps after {args.warmup} warm-up')
-  print(table(results))
+  print(table(results, args.compare_tree))
 
 
 if __name__ == '__main__':
