@@ -174,6 +174,11 @@ PrivateBatchNorm = _private(BatchNorm)
 PrivateInstanceNorm = _private(InstanceNorm)
 
 
+# Below this size XLA's own pool is kept: the separable form costs compile time (more ops),
+# which small models (the demo, the tests) would not win back.
+MIN_CPU_POOL_ELEMENTS = 2 ** 18
+
+
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
   """torch MaxPool2d(window, stride, padding) on [M, N, H, W, C] (pads with -inf).
 
@@ -182,7 +187,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
   1-D pools (`separable_max_pool`): XLA:CPU's select-and-scatter gradient is ~3x slower than
   torch's (jax_notes.md §7b), while the separable gradient is a few elementwise selects.
   """
-  if stride == 1 and jax.default_backend() == 'cpu':
+  if stride == 1 and jax.default_backend() == 'cpu' and x.size >= MIN_CPU_POOL_ELEMENTS:
     y = separable_max_pool(fold(x), window, padding)
   else:
     pad = ((padding, padding), (padding, padding))

@@ -46,7 +46,16 @@ def test_separable_max_pool_equals_reduce_window(shape, values):
   np.testing.assert_array_equal(dx_new, dx_ref)
 
 
-def test_max_pool_ties_go_to_the_first_maximum_in_row_major_order():
+@pytest.fixture(params=['xla', 'separable'])
+def pool_form(request, monkeypatch):
+  """max_pool through XLA's reduce_window and through the CPU separable form (forced on the
+  tests' small shapes, which it otherwise leaves to XLA)."""
+  if request.param == 'separable':
+    monkeypatch.setattr(layers, 'MIN_CPU_POOL_ELEMENTS', 0)
+  return request.param
+
+
+def test_max_pool_ties_go_to_the_first_maximum_in_row_major_order(pool_form):
   """Hand-computed: in an all-equal 2x2 image every 5x5 window holds all four pixels, so every
   output's gradient goes to pixel (0, 0) (torch's rule, and reduce_window's)."""
   x = jnp.zeros((1, 1, 2, 2, 1), jnp.float32)  # [M, N, H, W, C]
@@ -60,7 +69,7 @@ def test_max_pool_ties_go_to_the_first_maximum_in_row_major_order():
 
 
 @pytest.mark.parametrize('window,stride,padding', [(5, 1, 2), (3, 2, 1), (3, 1, 1)])
-def test_max_pool_layer_equals_reference(window, stride, padding):
+def test_max_pool_layer_equals_reference(window, stride, padding, pool_form):
   rng = np.random.default_rng(window + stride)
   x = small_ints(rng, (2, 3, 8, 6, 4))
   g_shape = jax.eval_shape(lambda x: layers.max_pool(x, window, stride, padding), x).shape
