@@ -69,10 +69,16 @@ def param_count(config) -> int:
   return models.count_params(shapes['params'])
 
 
-def summarise(rows: list, task: str) -> list[str]:
+def output_order(rows: list, branches) -> list[str]:
+  """The outputs of every run: the config's branches in order, any other, then 'ensemble'."""
+  seen = [o for _, _, _, results in rows for r in results for o in r['metrics']]
+  others = sorted(set(seen) - set(branches) - {'ensemble'})
+  return [b for b in branches if b in seen] + others + ['ensemble']
+
+
+def summarise(rows: list, task: str, outputs: list) -> list[str]:
   """rows: (fusion, params, step seconds, [results of each seed]) -> Markdown lines."""
-  outputs = list(rows[0][3][0]['metrics'])
-  metrics = [m for m in TABLE_METRICS[task] if m in rows[0][3][0]['metrics'][outputs[0]]]
+  metrics = [m for m in TABLE_METRICS[task] if m in rows[0][3][0]['metrics']['ensemble']]
   header = ['fusion', 'seeds'] + [f'{o} {m}' for o in outputs for m in metrics] + [
       'params', 'step (s)']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
@@ -90,13 +96,12 @@ def summarise(rows: list, task: str) -> list[str]:
   return lines
 
 
-def plot(rows: list, task: str, path: str) -> None:
+def plot(rows: list, task: str, outputs: list, path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   from cen_jax import viz
   key, label, better = MAIN_METRIC[task]
-  outputs = list(rows[0][3][0]['metrics'])
   fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.5))
   width = 0.8 / len(outputs)
   for k, output in enumerate(outputs):
@@ -142,7 +147,8 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
       seconds.append(median_step_seconds(run_dir))
     rows.append((name, param_count(run_config(config, name, 0)), float(np.median(seconds)),
                  results))
-  lines = summarise(rows, task_name)
+  outputs = output_order(rows, list(config.modalities))
+  lines = summarise(rows, task_name, outputs)
   steps = rows[0][3][0]['step']
   caption = (f'{len(fusion_names)} fusions x {seeds} seeds, {steps} steps each, '
              f'split {rows[0][3][0]["split"]!r}; step time: median wall seconds per training '
@@ -153,7 +159,7 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
   write_json_atomic(os.path.join(workdir, 'ablation.json'),
                     [{'fusion': r[0], 'params': r[1], 'step_seconds': r[2], 'results': r[3]}
                      for r in rows])
-  plot(rows, task_name, os.path.join(workdir, 'ablation.png'))
+  plot(rows, task_name, outputs, os.path.join(workdir, 'ablation.png'))
   return lines + ['', caption]
 
 
