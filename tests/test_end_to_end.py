@@ -53,6 +53,16 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, restored['state'])
 
 
+def assert_same_final_state(workdir_a, workdir_b, *, step):
+  """Both workdirs end at `step` with bit-identical training states (params, stats, optimiser)."""
+  import jax
+  step_a, state_a = final_params(workdir_a)
+  step_b, state_b = final_params(workdir_b)
+  assert step_a == step_b == step
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_train_writes_results_logs_and_previews(trained):
   with open(os.path.join(trained, 'eval_results.json')) as f:
     results = json.load(f)
@@ -93,12 +103,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):
   survived = checkpoints.Checkpoints(workdir, read_only=True).latest_step()
   assert survived is not None and survived < 8
   run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
-  step_a, state_a = final_params(trained)
-  step_b, state_b = final_params(workdir)
-  assert step_a == step_b == 8
-  import jax
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_final_state(trained, workdir, step=8)
 
 
 def test_command_line_overrides(data_dir):
@@ -181,12 +186,7 @@ def test_sigterm_saves_the_current_step_and_resume_is_bit_identical(tmp_path, tr
   from cen_jax import checkpoints
   assert checkpoints.Checkpoints(workdir, read_only=True).all_steps() == [3]
   run_main(f'--config={CONFIG}', f'--workdir={workdir}', no_periodic, data_dir=data_dir)
-  step_a, state_a = final_params(trained)
-  step_b, state_b = final_params(workdir)
-  assert step_a == step_b == 8
-  import jax
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_final_state(trained, workdir, step=8)
 
 
 def test_nonfinite_loss_stops_with_one_line_and_saves_nothing_nonfinite(tmp_path, data_dir):
@@ -233,12 +233,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, traine
   proc = run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
   assert proc.stderr.count('cannot be restored') == 1
   assert os.listdir(os.path.join(workdir, 'checkpoints_corrupt')) == ['8']
-  step_a, state_a = final_params(trained)
-  step_b, state_b = final_params(workdir)
-  assert step_a == step_b == 8
-  import jax
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_final_state(trained, workdir, step=8)
 
 
 def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(tmp_path, trained, data_dir):

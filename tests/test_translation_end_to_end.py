@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_end_to_end import final_params, one_error_line, run_main, train_run
+from tests.test_end_to_end import (assert_same_final_state, one_error_line,
+                                   run_main, train_run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny_translation.py')
@@ -61,12 +62,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):
                     data_dir=data_dir, check=False)
   assert killed.returncode == -9, killed.stderr[-3000:]
   run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
-  step_a, state_a = final_params(trained)
-  step_b, state_b = final_params(workdir)
-  assert step_a == step_b == 8
-  import jax
-  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
-    np.testing.assert_array_equal(a, b)
+  assert_same_final_state(trained, workdir, step=8)
 
 
 def test_summary_counts_both_networks(data_dir):
