@@ -46,14 +46,14 @@ def extract_official(repo: str, dest: str) -> str:
 
 
 def synthetic_batch(case, seed=0):
-  """The same inputs as the cen-jax worker: M images [N, 3, H, W] and a mask [N, H, W]."""
-  rng = np.random.default_rng(seed)
-  m, n, h, w = case['branches'], case['batch'], case['height'], case['width']
-  x = rng.standard_normal((m, n, h, w, 3)).astype(np.float32)
-  mask = rng.integers(0, case['classes'], (n, h, w)).astype(np.int64)
-  mask[rng.random((n, h, w)) < 0.1] = IGNORE_LABEL
-  inputs = [torch.from_numpy(np.ascontiguousarray(x[i].transpose(0, 3, 1, 2))) for i in range(m)]
-  return inputs, torch.from_numpy(mask)
+  """The cen-jax worker's batch (train_step.synthetic_batch) as torch tensors: M images
+  [N, 3, H, W] and an int64 mask [N, H, W]."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_step  # stdlib-only at import time; numpy inside
+  x, mask = train_step.synthetic_batch(case, seed)
+  inputs = [torch.from_numpy(np.ascontiguousarray(x[i].transpose(0, 3, 1, 2)))
+            for i in range(x.shape[0])]
+  return inputs, torch.from_numpy(mask.astype(np.int64))
 
 
 def slim_params(model):

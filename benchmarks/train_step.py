@@ -31,7 +31,7 @@ IGNORE_LABEL = 255
 # ----------------------------------------------------------------------------- cen-jax worker
 
 def synthetic_batch(case, seed=0):
-  """Same generator as official_torch_step.synthetic_batch: x [M, N, H, W, 3], mask [N, H, W]."""
+  """The benchmark batch of both workers: x [M, N, H, W, 3], mask [N, H, W] (10% ignored)."""
   import numpy as np
   rng = np.random.default_rng(seed)
   m, n, h, w = case['branches'], case['batch'], case['height'], case['width']

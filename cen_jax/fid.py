@@ -319,8 +319,9 @@ def load_weights(path: str) -> dict:
   if not path.endswith('.npz'):
     try:  # convert once; a read-only folder only costs torch next time
       torch_io.convert_pth_to_npz(path, cached)
-    except OSError:
-      pass
+    except OSError as e:
+      print(f'fid: could not write {cached} ({e.strerror}); the .pth will be read again next '
+            f'time', file=sys.stderr)
   return variables
 
 
