@@ -182,16 +182,9 @@ class FIDInceptionV3(nn.Module):
 
 
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] weights of F.interpolate(mode='bilinear', align_corners=False) along one axis
-  (torch's area_pixel_compute_source_index: source = (i + 0.5) * in / out - 0.5, clamped at 0)."""
-  src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
-  low = np.floor(src).astype(np.int64)
-  high = np.minimum(low + 1, in_size - 1)
-  frac = src - low
-  matrix = np.zeros((out_size, in_size), np.float64)
-  np.add.at(matrix, (np.arange(out_size), low), 1.0 - frac)
-  np.add.at(matrix, (np.arange(out_size), high), frac)
-  return matrix.astype(np.float32)
+  """[out, in] weights of F.interpolate(mode='bilinear', align_corners=False) along one axis."""
+  from cen_jax import layers
+  return layers.interpolation_matrix(in_size, out_size, 'bilinear')
 
 
 def resize_bilinear(images, size: int):
