@@ -25,9 +25,20 @@ flags.DEFINE_string('workdir', None, 'Where the runs, ablation.md and ablation.p
 flags.DEFINE_list('fusions', ['cen', 'none'], 'Registered fusions to compare.')
 flags.DEFINE_integer('seeds', 1, 'Runs per fusion (config.seed + 0, 1, ...).')
 
-MAIN_METRIC = {'segmentation': ('miou', 'mIoU', 'higher'),
-               'translation': ('l1', 'L1', 'lower')}
-TABLE_METRICS = {'segmentation': ('miou',), 'translation': ('l1', 'rmse', 'fid', 'kid')}
+# Per task (dense: per output task, the part of the output name after '>'): the metric plotted
+# (key, label, which is better) and the metrics tabulated.
+MAIN_METRIC = {'segmentation': ('miou', 'mIoU', 'higher'), 'semseg': ('miou', 'mIoU', 'higher'),
+               'translation': ('l1', 'L1', 'lower'), 'depth': ('rmse', 'depth RMSE', 'lower'),
+               'normals': ('mean', 'normals mean angle', 'lower')}
+TABLE_METRICS = {'segmentation': ('miou',), 'semseg': ('miou',),
+                 'translation': ('l1', 'rmse', 'fid', 'kid'),
+                 'depth': ('rmse', 'abs_rel', 'delta1'),
+                 'normals': ('mean', 'median', 'within_11.25')}
+
+
+def output_task(task: str, output: str) -> str:
+  """The key of MAIN_METRIC / TABLE_METRICS for one output of a run of `task`."""
+  return output.split('>')[-1] if task == 'dense' else task
 
 
 class Interrupted(Exception):
@@ -39,6 +50,13 @@ def run_config(config, fusion: str, seed: int):
   config.model.fusion = fusion
   config.seed = int(config.seed) + seed  # l1_lambda weighs only fusions with a penalty
   return config
+
+
+DIVERGED_FILE = 'diverged.json'  # a run stopped by a non-finite loss: reported, not retried
+
+
+def diverged(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, DIVERGED_FILE))
 
 
 def finished(workdir: str, num_steps: int) -> bool:
@@ -69,54 +87,69 @@ def param_count(config) -> int:
   return models.count_params(shapes['params'])
 
 
-def output_order(rows: list, branches) -> list[str]:
-  """The outputs of every run: the config's branches in order, any other, then 'ensemble'."""
-  seen = [o for _, _, _, results in rows for r in results for o in r['metrics']]
-  others = sorted(set(seen) - set(branches) - {'ensemble'})
-  return [b for b in branches if b in seen] + others + ['ensemble']
+def output_order(rows: list, preferred) -> list[str]:
+  """The outputs of every run: the config's outputs in order, any other, then 'ensemble'."""
+  seen = [o for row in rows for r in row[3] for o in r['metrics']]
+  others = sorted(set(seen) - set(preferred) - {'ensemble'})
+  last = ['ensemble'] if 'ensemble' in seen else []
+  return [b for b in preferred if b in seen and b != 'ensemble'] + others + last
+
+
+def table_columns(rows: list, task: str, outputs: list) -> list[tuple]:
+  """(output, metric) of every column: each output's table metrics that some run reports."""
+  reported = {(o, m) for row in rows for r in row[3]
+              for o, scores in r['metrics'].items() for m in scores}
+  return [(o, m) for o in outputs for m in TABLE_METRICS[output_task(task, o)]
+          if (o, m) in reported]
 
 
 def summarise(rows: list, task: str, outputs: list) -> list[str]:
-  """rows: (fusion, params, step seconds, [results of each seed]) -> Markdown lines."""
-  metrics = [m for m in TABLE_METRICS[task] if m in rows[0][3][0]['metrics']['ensemble']]
-  header = ['fusion', 'seeds'] + [f'{o} {m}' for o in outputs for m in metrics] + [
-      'params', 'step (s)']
+  """rows: (fusion, params, step seconds, [results of each finished seed], diverged seeds)
+  -> Markdown lines."""
+  columns = table_columns(rows, task, outputs)
+  header = ['fusion', 'seeds'] + [f'{o} {m}' for o, m in columns] + ['params', 'step (s)']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  digits = 2 if task == 'segmentation' else 4
-  for fusion, params, seconds, results in rows:
-    cells = [f'`{fusion}`', str(len(results))]
-    for o in outputs:
-      for m in metrics:
-        values = [r['metrics'].get(o, {}).get(m) for r in results]
-        values = np.asarray([v for v in values if v is not None], np.float64)
-        cells.append('–' if not values.size else
-                     f'{values.mean():.{digits}f} ± {values.std():.{digits}f}')
+  digits = {'segmentation': 2, 'translation': 4}.get(task, 3)
+  for fusion, params, seconds, results, num_diverged in rows:
+    cells = [f'`{fusion}`', str(len(results)) + (f' (+{num_diverged} diverged)'
+                                                 if num_diverged else '')]
+    for o, m in columns:
+      values = [r['metrics'].get(o, {}).get(m) for r in results]
+      values = np.asarray([v for v in values if v is not None], np.float64)
+      cells.append('–' if not values.size else
+                   f'{values.mean():.{digits}f} ± {values.std():.{digits}f}')
     cells += [f'{params:,}', f'{seconds:.3f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
 
 def plot(rows: list, task: str, outputs: list, path: str) -> None:
+  """Bars of every output's main metric per fusion; one panel per metric (dense: per task)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   from cen_jax import viz
-  key, label, better = MAIN_METRIC[task]
-  fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.5))
-  width = 0.8 / len(outputs)
-  for k, output in enumerate(outputs):
-    means, stds, xs = [], [], []
-    for i, (_, _, _, results) in enumerate(rows):
-      values = [r['metrics'][output][key] for r in results if output in r['metrics']]
-      if values:
-        xs.append(i + k * width)
-        means.append(np.mean(values))
-        stds.append(np.std(values))
-    ax.bar(xs, means, width, yerr=stds, capsize=3, label=output)
-  ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
-  ax.set_xticklabels([r[0] for r in rows])
-  ax.set(ylabel=f'{label} ({better} is better)', title='fusions on one budget (mean ± std)')
-  ax.legend(fontsize=7)
+  panels: dict = {}
+  for output in outputs:
+    panels.setdefault(MAIN_METRIC[output_task(task, output)], []).append(output)
+  fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                           figsize=(len(panels) * (1.6 * len(rows) + 2), 3.5))
+  for ax, ((key, label, better), members) in zip(axes[0], panels.items()):
+    width = 0.8 / len(members)
+    for k, output in enumerate(members):
+      means, stds, xs = [], [], []
+      for i, row in enumerate(rows):
+        results = row[3]
+        values = [r['metrics'][output][key] for r in results if output in r['metrics']]
+        if values:
+          xs.append(i + k * width)
+          means.append(np.mean(values))
+          stds.append(np.std(values))
+      ax.bar(xs, means, width, yerr=stds, capsize=3, label=output)
+    ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
+    ax.set_xticklabels([r[0] for r in rows])
+    ax.set(ylabel=f'{label} ({better} is better)', title='fusions on one budget (mean ± std)')
+    ax.legend(fontsize=7)
   viz.save_figure(path, fig)
 
 
@@ -129,36 +162,46 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
   task_name = config.get('task', 'segmentation')
   rows = []
   for name in fusion_names:
-    results, seconds = [], []
+    results, seconds, num_diverged = [], [], 0
     for seed in range(seeds):
       cfg = run_config(config, name, seed)
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       steps_per_epoch = input_pipeline.num_examples(cfg, cfg.data.train_split) // \
           cfg.train.batch_size
       num_steps = train._task(cfg).total_steps(cfg, steps_per_epoch)
-      if not finished(run_dir, num_steps):
+      if not finished(run_dir, num_steps) and not diverged(run_dir):
         print(f'ablate: training {name} seed {seed} in {run_dir}', flush=True)
-        train.train_and_evaluate(cfg, run_dir)
-        if not finished(run_dir, num_steps):
+        try:
+          train.train_and_evaluate(cfg, run_dir)
+        except train.NonFiniteError as e:  # a result of the fusion: recorded in the table
+          print(f'ablate: {name} seed {seed} diverged: {e}', flush=True)
+          write_json_atomic(os.path.join(run_dir, DIVERGED_FILE), {'error': str(e)})
+      if diverged(run_dir):
+        num_diverged += 1
+        continue
+      if not finished(run_dir, num_steps):
           raise Interrupted(f'ablate: {name} seed {seed} stopped before step {num_steps}; run '
                             f'the same command to resume')
       with open(os.path.join(run_dir, 'eval_results.json')) as f:
         results.append(json.load(f))
       seconds.append(median_step_seconds(run_dir))
-    rows.append((name, param_count(run_config(config, name, 0)), float(np.median(seconds)),
-                 results))
-  outputs = output_order(rows, list(config.modalities))
+    rows.append((name, param_count(run_config(config, name, 0)),
+                  float(np.median(seconds)) if seconds else float('nan'), results, num_diverged))
+  outputs = output_order(rows, train._task(config).output_names(config))
   lines = summarise(rows, task_name, outputs)
-  steps = rows[0][3][0]['step']
-  caption = (f'{len(fusion_names)} fusions x {seeds} seeds, {steps} steps each, '
-             f'split {rows[0][3][0]["split"]!r}; step time: median wall seconds per training '
-             f'step (compilation excluded)')
+  first = next((r[3][0] for r in rows if r[3]), None)
+  if first is None:
+    raise ValueError(f'every run in {workdir} diverged: nothing to tabulate')
+  caption = (f'{len(fusion_names)} fusions x {seeds} seeds, {first["step"]} steps each, '
+             f'split {first["split"]!r}; mean ± std over the seeds that finished (seeds: '
+             f'finished, and how many stopped at a non-finite loss); step time: median wall '
+             f'seconds per training step (compilation excluded)')
   with open(os.path.join(workdir, 'ablation.md.tmp'), 'w') as f:
     f.write('\n'.join(lines + ['', caption, '']))
   os.replace(os.path.join(workdir, 'ablation.md.tmp'), os.path.join(workdir, 'ablation.md'))
   write_json_atomic(os.path.join(workdir, 'ablation.json'),
-                    [{'fusion': r[0], 'params': r[1], 'step_seconds': r[2], 'results': r[3]}
-                     for r in rows])
+                    [{'fusion': r[0], 'params': r[1], 'step_seconds': r[2], 'results': r[3],
+                      'diverged': r[4]} for r in rows])
   plot(rows, task_name, outputs, os.path.join(workdir, 'ablation.png'))
   return lines + ['', caption]
 

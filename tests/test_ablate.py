@@ -18,14 +18,20 @@ CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny_synthetic.py')
 def test_ablation_table_and_scales(tmp_path):
   workdir, data_dir = str(tmp_path / 'ablate'), str(tmp_path / 'tfds')
   args = ['-m', 'cen_jax.ablate', f'--config={CONFIG}', f'--workdir={workdir}',
-          '--fusions=cen,none', '--seeds=2', '--config.train.stage_epochs=(1,1)']
+          '--fusions=cen,none,diverge', '--seeds=2', '--config.train.stage_epochs=(1,1)',
+          f'--config.model.fusion_module={ROOT}/tests/configs/diverging_fusion.py']
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   cmd = [sys.executable, *args, f'--config.data.data_dir={data_dir}']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = open(os.path.join(workdir, 'ablation.md')).read().splitlines()
   rows = {line.split(' | ')[0].strip('| `'): line for line in table if line.startswith('| `')}
-  assert set(rows) == {'cen', 'none'}
+  assert set(rows) == {'cen', 'none', 'diverge'}
+  # A run stopped by a non-finite loss is reported as diverged, not as a result.
+  assert rows['diverge'].startswith('| `diverge` | 0 (+2 diverged) | – |')
+  for k in range(2):
+    assert os.path.exists(os.path.join(workdir, 'diverge', f'seed{k}', 'diverged.json'))
+  rows.pop('diverge')
   assert os.path.getsize(os.path.join(workdir, 'ablation.png')) > 1000
   for fusion in rows:
     results = [json.load(open(os.path.join(workdir, fusion, f'seed{k}', 'eval_results.json')))
