@@ -9,6 +9,8 @@ selects the task module (cen_jax/tasks/<task>.py) that the shared runner drives.
 - `translation_config()`: the official CEN image-to-image translation recipe (pix2pix U-Net
   generator with private InstanceNorm, shared PatchGAN discriminator, Taskonomy shade + texture
   -> rgb, papers.md §1.1(i), §1.2).
+- `dense_config(branches)`: the TPAMI scenarios (multimodal fusion with any M, multitask,
+  multimodal multitask) as 'input>task' branches of the segmentation network.
 """
 
 import ml_collections
@@ -119,6 +121,9 @@ def translation_config() -> ml_collections.ConfigDict:
   config.task = 'translation'
   config.seed = 42
   config.modalities = ('reshading', 'edge_texture')  # official default: -i 2 7 0
+  # Optional 'input>target' branches (cen_jax/branches.py), e.g. branches.cycle(domains) for
+  # cycle fusion; empty: one branch per modality, all predicting config.data.target.
+  config.branches = ()
 
   config.model = m = ml_collections.ConfigDict()
   m.fusion = 'cen'  # a registered fusion with a U-Net 'norm' point, or 'none'
@@ -163,6 +168,21 @@ def translation_config() -> ml_collections.ConfigDict:
   e.fid_8bit = True  # truncate the min-max stretched images to 8 bits, as the official's PNGs
 
   config.distributed = distributed_config()
+  return config
+
+
+def dense_config(branches=('rgb>semseg', 'rgb>depth', 'rgb>normals')) -> ml_collections.ConfigDict:
+  """Dense multitask prediction (cen_jax/tasks/dense.py): the segmentation recipe with branches
+  given as 'input>task' pairs (cen_jax/branches.py); `config.modalities` becomes the inputs
+  the branches read, in order of first appearance."""
+  from cen_jax import branches as branches_lib
+  config = base_config()
+  config.task = 'dense'
+  config.branches = tuple(branches)
+  config.modalities = tuple(branches_lib.unique(b.input for b in branches_lib.parse(branches)))
+  config.data.depth_target_scale = 1.0 / 5000  # stored depth -> metres for the depth target
+  config.train.task_weights = ml_collections.ConfigDict(
+      {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0})  # every output's loss is weighted by its task
   return config
 
 

@@ -69,6 +69,7 @@ from typing import Iterator
 
 import numpy as np
 
+TARGET_PREFIX = 'target_'  # dense targets (cen_jax/dense_data.py): resized and padded as labels
 PAD_VALUES = (123.675, 116.28, 103.53)  # official Pad value for every input (ImageNet mean * 255)
 DATASETS = ('nyudv2', 'sunrgbd', 'synthetic_scenes', 'synthetic_domains', 'taskonomy')
 SHAPES_FILE = 'cen_eval_shapes.json'  # per-split mask shapes, written by prepare()
@@ -299,7 +300,10 @@ def _cv2():
 
 
 def _interp(cv2, key: str):
-  return cv2.INTER_NEAREST if key in ('depth', 'mask') else cv2.INTER_CUBIC
+  """Nearest for depth and every label-like key (mask, target_*), bicubic for images."""
+  if key in ('depth', 'mask') or key.startswith(TARGET_PREFIX):
+    return cv2.INTER_NEAREST
+  return cv2.INTER_CUBIC
 
 
 def read_inputs(raw: dict, modalities) -> dict:
@@ -317,14 +321,14 @@ def read_inputs(raw: dict, modalities) -> dict:
 
 
 def _inputs(example: dict):
-  return [k for k in example if k != 'mask']
+  return [k for k in example if k != 'mask' and not k.startswith(TARGET_PREFIX)]
 
 
 def align_to_mask(example: dict, align: str) -> dict:
   """CropAlignToMask ('crop') or ResizeAlignToMask ('resize') of every input to the mask size."""
   mh, mw = example['mask'].shape[:2]
   out = {'mask': example['mask']}
-  for key in _inputs(example):
+  for key in (k for k in example if k != 'mask'):
     x = example[key]
     h, w = x.shape[:2]
     if (h, w) != (mh, mw):
@@ -343,11 +347,17 @@ def align_to_mask(example: dict, align: str) -> dict:
 
 
 def augment(example: dict, *, align: str, crop_size: int, shorter_side: int, low_scale: float,
-            high_scale: float, ignore_label: int, rng: np.random.Generator) -> dict:
-  """Official training geometry on `read_inputs` output; values stay un-normalised."""
+            high_scale: float, ignore_label: int, rng: np.random.Generator,
+            mirror_negate=()) -> dict:
+  """Official training geometry on `read_inputs` output; values stay un-normalised.
+
+  Keys starting with TARGET_PREFIX (dense targets, 0 = no target) follow the mask: nearest
+  resize, padded with 0; the first channel of the keys in `mirror_negate` (surface normals'
+  x) changes sign when the example is mirrored."""
   cv2 = _cv2()
   example = align_to_mask(example, align)
   keys = _inputs(example)
+  targets = [k for k in example if k.startswith(TARGET_PREFIX)]
   # ResizeAndScale (shorter side).
   h, w = example['mask'].shape[:2]
   scale = rng.uniform(low_scale, high_scale)
@@ -355,8 +365,8 @@ def augment(example: dict, *, align: str, crop_size: int, shorter_side: int, low
     scale = shorter_side * 1.0 / min(h, w)
   out = {k: cv2.resize(example[k], None, fx=scale, fy=scale, interpolation=_interp(cv2, k))
          for k in keys}
-  out['mask'] = cv2.resize(example['mask'], None, fx=scale, fy=scale,
-                           interpolation=cv2.INTER_NEAREST)
+  for k in ['mask'] + targets:
+    out[k] = cv2.resize(example[k], None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
   # Pad (inputs per channel, in their own dtype; mask with the ignore label).
   h, w = out['mask'].shape[:2]
   h_pad = int(np.clip((crop_size - h + 1) // 2, 0, 1e6))
@@ -368,9 +378,13 @@ def augment(example: dict, *, align: str, crop_size: int, shorter_side: int, low
       out[k] = np.stack([np.pad(x[:, :, c], pad, mode='constant', constant_values=PAD_VALUES[c])
                          for c in range(3)], axis=2)
     out['mask'] = np.pad(out['mask'], pad, mode='constant', constant_values=ignore_label)
+    for k in targets:
+      out[k] = np.pad(out[k], pad + ((0, 0),) * (out[k].ndim - 2), mode='constant')
   # RandomMirror.
   if rng.integers(2):
     out = {k: v[:, ::-1] for k, v in out.items()}
+    for k in mirror_negate:
+      out[k] = out[k] * np.asarray([-1.0] + [1.0] * (out[k].shape[-1] - 1), out[k].dtype)
   # RandomCrop.
   size = crop_size - crop_size % 2
   h, w = out['mask'].shape[:2]
@@ -480,6 +494,9 @@ def _train_sample(config):
   if _is_translation(config):
     from cen_jax import translation_data
     return translation_data.TrainSample(config)
+  if config.get('task') == 'dense':
+    from cen_jax import dense_data
+    return dense_data.TrainSample(config)
   return _SegmentationTrain(config)
 
 
@@ -487,6 +504,9 @@ def _eval_sample(config):
   if _is_translation(config):
     from cen_jax import translation_data
     return translation_data.EvalSample(config)
+  if config.get('task') == 'dense':
+    from cen_jax import dense_data
+    return dense_data.EvalSample(config)
   return _SegmentationEval(config)
 
 

@@ -67,3 +67,72 @@ def scores(conf) -> dict:
 def scores_per_output(confs: Mapping[str, object]) -> dict:
   """{output name: scores(conf)} for e.g. {'rgb': ..., 'depth': ..., 'ensemble': ...}."""
   return {name: scores(conf) for name, conf in confs.items()}
+
+
+# ----------------------------------------------------------------------------- depth, normals
+# Sums that add up exactly over batches, devices and processes; the scores come from the sums.
+
+DEPTH_SUMS = ('count', 'abs', 'squared', 'abs_rel', 'delta1')
+NORMAL_ANGLE_BINS = 3600  # 0.05 degree bins on [0, 180]: the median to within 0.05 degrees
+NORMAL_THRESHOLDS = (11.25, 22.5, 30.0)
+
+
+def depth_sums(pred, target, valid):
+  """[5] float32 sums over the valid pixels: count, |p - t|, (p - t)^2, |p - t| / t and the
+  count with max(p / t, t / p) < 1.25 (p clamped to >= 1e-3 for the ratio)."""
+  valid = valid.astype(jnp.float32)
+  target = jnp.where(valid > 0, target, 1.0)
+  err = pred - target
+  ratio = jnp.maximum(pred, 1e-3) / target
+  delta = (jnp.maximum(ratio, 1.0 / ratio) < 1.25).astype(jnp.float32)
+  return jnp.stack([jnp.sum(valid), jnp.sum(valid * jnp.abs(err)), jnp.sum(valid * err ** 2),
+                    jnp.sum(valid * jnp.abs(err) / target), jnp.sum(valid * delta)])
+
+
+def depth_scores(sums) -> dict:
+  """{'rmse', 'abs_rel', 'mae', 'delta1'} (metres; delta1 in percent) from `depth_sums`."""
+  count, abs_err, squared, abs_rel, delta1 = (float(v) for v in np.asarray(sums, np.float64))
+  if count == 0:
+    return {'rmse': 0.0, 'abs_rel': 0.0, 'mae': 0.0, 'delta1': 0.0}
+  return {'rmse': float(np.sqrt(squared / count)), 'abs_rel': abs_rel / count,
+          'mae': abs_err / count, 'delta1': 100.0 * delta1 / count}
+
+
+def angles_degrees(pred, target):
+  """Angle between each predicted and target normal [..., 3] (pred need not be unit)."""
+  pred = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
+  target = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-12)
+  return jnp.degrees(jnp.arccos(jnp.clip(jnp.sum(pred * target, axis=-1), -1.0, 1.0)))
+
+
+def normal_sums(pred, target, valid):
+  """{'count', 'angle' (sum of degrees), 'within' [3] counts under NORMAL_THRESHOLDS,
+  'histogram' [NORMAL_ANGLE_BINS] of angles} over the valid pixels."""
+  angle = angles_degrees(pred, target)
+  weight = valid.astype(jnp.float32)
+  bins = jnp.clip((angle * (NORMAL_ANGLE_BINS / 180.0)).astype(jnp.int32), 0,
+                  NORMAL_ANGLE_BINS - 1)
+  histogram = jnp.zeros((NORMAL_ANGLE_BINS,), jnp.float32).at[bins.reshape(-1)].add(
+      weight.reshape(-1))
+  return {'count': jnp.sum(weight), 'angle': jnp.sum(weight * angle),
+          'within': jnp.stack([jnp.sum(weight * (angle < t)) for t in NORMAL_THRESHOLDS]),
+          'histogram': histogram}
+
+
+def normal_scores(sums) -> dict:
+  """{'mean', 'median' (degrees), 'within_11.25', 'within_22.5', 'within_30' (percent)}; the
+  median is interpolated linearly inside its 0.05 degree histogram bin."""
+  count = float(sums['count'])
+  if count == 0:
+    return {'mean': 0.0, 'median': 0.0, **{f'within_{t:g}': 0.0 for t in NORMAL_THRESHOLDS}}
+  histogram = np.asarray(sums['histogram'], np.float64)
+  cumulative = np.cumsum(histogram)
+  half = 0.5 * cumulative[-1]
+  b = int(np.searchsorted(cumulative, half))
+  below = cumulative[b - 1] if b > 0 else 0.0
+  width = 180.0 / NORMAL_ANGLE_BINS
+  median = (b + (half - below) / max(histogram[b], 1e-12)) * width
+  out = {'mean': float(sums['angle']) / count, 'median': float(median)}
+  for t, n in zip(NORMAL_THRESHOLDS, np.asarray(sums['within'], np.float64)):
+    out[f'within_{t:g}'] = 100.0 * float(n) / count
+  return out

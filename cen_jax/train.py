@@ -19,6 +19,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cen_jax import branches as branches_lib
+
 AXIS = 'data'
 
 
@@ -78,8 +80,9 @@ def stage_starts(config, steps_per_epoch: int) -> list[int]:
 def device_batch(config, host_batch, num_devices: int, *, for_pmap: bool, keys=None):
   """Host batch {modality: [B, ...], key: [B, ...]} -> {'x': [M, B, ...], key: [B, ...]}; for
   pmap the batch axis is split into [num_devices, B / num_devices] in front."""
-  keys = _task(config).BATCH_KEYS if keys is None else keys
-  x = np.stack([np.asarray(host_batch[name], np.float32) for name in config.modalities])
+  keys = batch_keys(config) if keys is None else keys
+  x = np.stack([np.asarray(host_batch[name], np.float32)
+                for name in branches_lib.inputs(config)])
   batch = {'x': x, **{k: np.asarray(host_batch[k]) for k in keys}}
   if not for_pmap:
     return batch
@@ -91,6 +94,12 @@ def device_batch(config, host_batch, num_devices: int, *, for_pmap: bool, keys=N
   for k in keys:
     out[k] = batch[k].reshape((num_devices, n) + batch[k].shape[1:])
   return out
+
+
+def batch_keys(config) -> tuple:
+  """The task's host-batch keys besides the stacked inputs."""
+  task = _task(config)
+  return tuple(task.batch_keys(config) if hasattr(task, 'batch_keys') else task.BATCH_KEYS)
 
 
 def batch_specs(keys) -> dict:
@@ -107,7 +116,7 @@ class Runner:
 
   def __init__(self, config, model, starts, devices=None):
     self.config = config
-    self.keys = tuple(_task(config).BATCH_KEYS)
+    self.keys = batch_keys(config)
     self.devices = list(devices or jax.devices())
     self.kind = config.train.parallel
     self.num_local = sum(d.process_index == jax.process_index() for d in self.devices)

@@ -16,7 +16,8 @@ offset in (load - crop + 2) reads one pixel past the border, which PIL fills wit
 offset is drawn in [0, load - crop] (always inside the image).
 
 Batches: {each input domain (config.modalities): float32 [B, S, S, 3], 'target': float32
-[B, S, S, 3] (config.data.target)}.
+[B, S, S, 3] (config.data.target)}; with branches of different targets (config.branches, e.g.
+cycle fusion) 'target' is [B, M, S, S, 3], branch m's target at [:, m].
 """
 
 import numpy as np
@@ -107,13 +108,28 @@ def _domains(raw: dict, names) -> dict:
   return out
 
 
+def targets_of(config) -> tuple:
+  """(one target domain,) or, for branches with different targets, every branch's target."""
+  from cen_jax.tasks import translation
+  targets = translation.branch_targets(config)
+  return (targets[0],) if translation.has_ensemble(config) else tuple(targets)
+
+
+def with_target(images: dict, modalities, targets) -> dict:
+  """Inputs by name, and 'target': the one target image or the branches' stacked targets."""
+  out = {k: images[k] for k in modalities}
+  out['target'] = images[targets[0]] if len(targets) == 1 else np.stack(
+      [images[t] for t in targets])
+  return out
+
+
 class TrainSample:
   """A stored example -> an augmented, normalised training example (picklable)."""
 
   def __init__(self, config):
     d = config.data
     self.modalities = tuple(config.modalities)
-    self.target = str(d.target)
+    self.targets = targets_of(config)
     self.load_size = int(d.load_size)
     self.crop_size = int(d.crop_size)
     self.flip = bool(d.flip)
@@ -122,7 +138,7 @@ class TrainSample:
                        f'{self.load_size}')
 
   def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
-    images = _domains(raw, self.modalities + (self.target,))
+    images = _domains(raw, tuple(dict.fromkeys(self.modalities + self.targets)))
     images = {k: resize(v, self.load_size) for k, v in images.items()}
     left = int(rng.integers(0, self.load_size - self.crop_size + 1))
     top = int(rng.integers(0, self.load_size - self.crop_size + 1))
@@ -132,8 +148,8 @@ class TrainSample:
       image = image[top:top + self.crop_size, left:left + self.crop_size]
       if mirror:
         image = image[:, ::-1]
-      out['target' if name == self.target else name] = to_unit_range(image)
-    return out
+      out[name] = to_unit_range(image)
+    return with_target(out, self.modalities, self.targets)
 
 
 class EvalSample:
@@ -142,10 +158,10 @@ class EvalSample:
 
   def __init__(self, config):
     self.modalities = tuple(config.modalities)
-    self.target = str(config.data.target)
+    self.targets = targets_of(config)
     self.size = int(config.data.crop_size)
 
   def __call__(self, raw: dict) -> dict:
-    images = _domains(raw, self.modalities + (self.target,))
-    return {('target' if k == self.target else k): to_unit_range(resize(v, self.size))
-            for k, v in images.items()}
+    images = _domains(raw, tuple(dict.fromkeys(self.modalities + self.targets)))
+    return with_target({k: to_unit_range(resize(v, self.size)) for k, v in images.items()},
+                       self.modalities, self.targets)

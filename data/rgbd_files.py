@@ -30,14 +30,35 @@ class DatasetFileError(ValueError):
   """A file named in a list (or the list itself) is missing, unreadable or malformed."""
 
 
-def features(tfds):
-  """The FeaturesDict shared by every CEN RGB-D builder."""
-  return tfds.features.FeaturesDict({
+def features(tfds, *, normals: bool = False):
+  """The FeaturesDict shared by every CEN RGB-D builder; with `normals`, also the surface
+  normals of the multitask scenarios (uint8 HxWx3, round(127 n + 128), (0, 0, 0) = none)."""
+  spec = {
       'rgb': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
       'depth': tfds.features.Tensor(shape=(None, None), dtype=np.uint16, encoding='zlib'),
       'mask': tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding='zlib'),
       'name': tfds.features.Text(),
-  })
+  }
+  if normals:
+    spec['normals'] = tfds.features.Image(shape=(None, None, 3), dtype=np.uint8)
+  return tfds.features.FeaturesDict(spec)
+
+
+def normals_path(manual_dir: str, normals_dir: str, rgb_rel: str) -> str:
+  """The user-supplied normals of an example: <normals_dir>/<rgb file stem>.png."""
+  stem = os.path.splitext(os.path.basename(rgb_rel))[0]
+  return os.path.join(manual_dir, normals_dir, stem + '.png')
+
+
+def read_normals(path: str, shape) -> np.ndarray:
+  arr = _open(path)
+  if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+    raise DatasetFileError(f'{path}: expected 8-bit RGB normals (round(127 n + 128), 0 = none), '
+                           f'got shape {arr.shape} dtype {arr.dtype}')
+  if arr.shape[:2] != tuple(shape):
+    raise DatasetFileError(f'{path}: normals are {arr.shape[0]}x{arr.shape[1]}, its rgb is '
+                           f'{shape[0]}x{shape[1]}')
+  return arr
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -144,11 +165,19 @@ def sun_mask_fallback(path: str) -> Optional[str]:
 
 def generate_examples(manual_dir: str, list_path: str, *, num_classes: int,
                       check: Optional[Callable[[dict, tuple], None]] = None,
-                      mask_fallback: bool = False) -> Iterator[tuple[int, dict]]:
+                      mask_fallback: bool = False,
+                      normals_dir: str = '') -> Iterator[tuple[int, dict]]:
   """(key, example) for each list entry, in list order (key = line position). Every example is
   checked (labels in [0, num_classes) or 255, rgb and depth of one size, then `check`) before
-  it is yielded, so a bad file fails the prepare, which leaves nothing behind."""
+  it is yielded, so a bad file fails the prepare, which leaves nothing behind. With
+  `normals_dir`, each example also gets the normals `normals_path` names (rgb's size)."""
   entries = read_list(list_path)
+  if normals_dir:
+    for rgb_rel, _, _ in entries:
+      path = normals_path(manual_dir, normals_dir, rgb_rel)
+      if not os.path.isfile(path):
+        raise DatasetFileError(f'{path}: file not found (the normals of {rgb_rel}, listed in '
+                               f'{list_path})')
   # Fail fast, before any decoding, on the first missing file.
   for rel in entries:
     for i, r in enumerate(rel):
@@ -176,6 +205,9 @@ def generate_examples(manual_dir: str, list_path: str, *, num_classes: int,
     paths = (os.path.join(manual_dir, rgb_rel), mask_path, os.path.join(manual_dir, depth_rel))
     check_labels(example['mask'], mask_path, num_classes)
     check_same_size(example, paths)
+    if normals_dir:
+      example['normals'] = png_bytes(read_normals(
+          normals_path(manual_dir, normals_dir, rgb_rel), example['rgb'].shape[:2]))
     if check is not None:
       check(example, paths)
     raw = None

@@ -230,3 +230,23 @@ def test_synthetic_rgb_needs_both_shading_and_texture():
   errors = {k: _fit_error(np.concatenate(v), target) for k, v in feats.items()}
   assert errors['both'] < 0.5 * errors['shade'], errors
   assert errors['both'] < 0.5 * errors['colour'], errors
+
+
+def test_cycle_samples_stack_each_branch_target(tmp_path):
+  """Cycle fusion: 'target' holds branch m's target (domain m + 1 mod M) at [m], cropped and
+  flipped with the inputs; evaluation likewise."""
+  from cen_jax import branches
+  config = make_config(tmp_path, modalities=('reshading', 'edge_texture', 'rgb'))
+  config.branches = branches.cycle(config.modalities)
+  config.data.target = ''
+  rng = np.random.default_rng(5)
+  raw = {d: rng.integers(0, 256, (24, 20, 3), dtype=np.uint8) for d in config.modalities}
+  for out in (td.TrainSample(config)(raw, np.random.default_rng(1)), td.EvalSample(config)(raw)):
+    assert out['target'].shape == (3,) + out['rgb'].shape
+    for m, domain in enumerate(config.modalities):
+      following = config.modalities[(m + 1) % 3]
+      np.testing.assert_array_equal(out['target'][m], out[following], err_msg=domain)
+  config.data.target = 'rgb'
+  from cen_jax.tasks import translation
+  with pytest.raises(ValueError, match="set config.data.target to ''"):
+    translation.check_config(config)

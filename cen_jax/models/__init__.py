@@ -22,7 +22,9 @@ SEPARATE_ENCODER_PATH = re.compile(r'^branch\d+/encoder/')  # fusion 'separate'
 MIN_TRANSLATION_SIZE = 32  # the PatchGAN's three stride-2 and two 4x4 stride-1 convs
 
 
-def build_model(config: ml_collections.ConfigDict, *, axis_name=None) -> Segmenter:
+def build_model(config: ml_collections.ConfigDict, *, axis_name=None, heads=()) -> Segmenter:
+  """The segmentation network of the config; `heads` gives every task its own classifier
+  (the dense multitask scenarios, Segmenter.heads)."""
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r}: expected one of {sorted(DTYPES)}')
@@ -33,7 +35,7 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name=None) -> Segment
       threshold=m.threshold, stem_width=m.stem_width, widths=tuple(m.widths),
       decoder_widths=tuple(m.decoder_widths), dropout=m.dropout, frozen_bn=m.frozen_bn,
       bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, axis_name=axis_name, dtype=DTYPES[m.dtype],
-      fusion_options=fusion_options(config))
+      fusion_options=fusion_options(config), heads=tuple(heads))
   if fusion.network == 'separate':
     return SeparateBranches(Segmenter, dict(fields, fusion='none'))
   return Segmenter(**fields)
@@ -46,9 +48,13 @@ def fusion_options(config) -> tuple:
 
 
 def branch_names(config) -> list:
-  """The network's branches: one per modality, or one 'a+b' branch for early fusion."""
+  """The network's branches: one per modality (named by it), one 'a+b' branch for early
+  fusion, or the 'input>task' names of config.branches (cen_jax/branches.py)."""
   if fusions.get(config.model.fusion).network == 'early':
     return ['+'.join(config.modalities)]
+  if config.get('branches', ()):
+    from cen_jax import branches as branches_lib
+    return [b.name for b in branches_lib.of_config(config)]
   return list(config.modalities)
 
 

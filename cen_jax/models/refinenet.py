@@ -65,6 +65,10 @@ class Segmenter(nn.Module):
     'branches': float32 [M, N, h, w, K] logits at stride 4 (h = ceil(ceil(H/2)/2) ...),
     'ensemble': float32 [N, h, w, K] = sum_m softmax(alpha)_m * stop_gradient(branches[m]),
     'alpha': float32 [M] softmax(alpha).
+  With `heads` ((task, channels, branch indices), ...: the multitask scenarios,
+  cen_jax/branches.py) every task has its own classifier `clf_conv_<task>` over its branches
+  and its own ensemble weights `alpha_<task>`; the output is then
+  {'tasks': {task: {'branches': [M_t, N, h, w, channels], 'ensemble', 'alpha'}}}.
   """
   num_classes: int
   blocks: Sequence[int]
@@ -80,6 +84,7 @@ class Segmenter(nn.Module):
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   fusion_options: tuple = ()  # config.model.fusion_options as (key, value) pairs
+  heads: tuple = ()  # ((task, channels, (branch index, ...)), ...); () = one shared classifier
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
@@ -114,11 +119,23 @@ class Segmenter(nn.Module):
       x = RCUBlock(narrow, 3, dtype=dt, name=f'mflow_conv_g{level}_b')(x)
     x1 = drop(x)
 
+    if self.heads:
+      return {'tasks': {task: self.task_head(x1, task, channels, indices)
+                        for task, channels, indices in self.heads}}
     logits = conv3x3(self.num_classes, 'clf_conv', use_bias=True, dtype=dt)(x1)
     logits = logits.astype(jnp.float32)
     alpha = self.param('alpha', nn.initializers.ones, (num_branches,))
     ensemble, weights = fusion.late_ensemble(logits, alpha)
     return {'branches': logits, 'ensemble': ensemble, 'alpha': weights}
+
+  def task_head(self, features, task, channels, indices) -> dict:
+    """One task's classifier over its branches' features, and their late ensemble."""
+    outputs = conv3x3(channels, f'clf_conv_{task}', use_bias=True, dtype=self.dtype)(
+        features[jnp.asarray(indices)])
+    outputs = outputs.astype(jnp.float32)
+    alpha = self.param(f'alpha_{task}', nn.initializers.ones, (len(indices),))
+    ensemble, weights = fusion.late_ensemble(outputs, alpha)
+    return {'branches': outputs, 'ensemble': ensemble, 'alpha': weights}
 
 
 class SeparateBranches(nn.Module):

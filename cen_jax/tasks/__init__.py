@@ -20,11 +20,13 @@ so the loop, checkpoints and main.py never ask which task they run:
   best_value(results), progress_line(results)
   named_norm_scales(params)                     [(block, [M, C] scale)] at the exchange point
   output_names(config)                          the outputs evaluated: branches + 'ensemble'
+  batch_keys(config)                            (optional) host-batch keys when they depend on
+                                                the config (dense: the tasks' targets)
 """
 
 import importlib
 
-TASKS = ('segmentation', 'translation')
+TASKS = ('segmentation', 'translation', 'dense')
 
 
 def get(config):

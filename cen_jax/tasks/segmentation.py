@@ -158,11 +158,33 @@ def cross_entropy_sums(logits, mask, ignore_label):
   return sums, jnp.sum(valid)
 
 
+def device_rng(config, step):
+  """This step's dropout key on this device: (seed, step, device index)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step),
+                            jax.lax.axis_index(AXIS))
+
+
+def apply_train(model, params, batch_stats, x, rng):
+  """Training forward: (outputs, updated BN statistics)."""
+  outputs, new_vars = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                                  rngs={'dropout': rng}, mutable=['batch_stats'])
+  return outputs, new_vars.get('batch_stats', batch_stats)
+
+
+def sgd_update(config, starts, tx, state, grads):
+  """The two SGD groups with this stage's learning rates: (params, opt_state, lr_enc, lr_dec)."""
+  lr_enc, lr_dec = stage_learning_rates(config, starts, state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  lrs = jax.tree.map(lambda g: jnp.where(g == 'enc', -lr_enc, -lr_dec),
+                     param_groups(state.params), is_leaf=lambda x: isinstance(x, str))
+  updates = jax.tree.map(lambda u, lr: lr * u, updates, lrs)
+  return optax.apply_updates(state.params, updates), opt_state, lr_enc, lr_dec
+
+
 def train_step(state: TrainState, batch, *, model, config, starts, tx):
   """One per-device training step; collectives on AXIS. batch: {'x': [M,n,H,W,3], 'mask': [n,H,W]}."""
   num_outputs = len(output_names(config))
-  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
-                           jax.lax.axis_index(AXIS))
+  rng = device_rng(config, state.step)
   valid = labelled(batch['mask'], config.data.ignore_label, config.model.num_classes)
   count = jnp.maximum(jax.lax.psum(jnp.sum(valid), AXIS), 1).astype(jnp.float32)
   num_devices = jax.lax.psum(1, AXIS)
@@ -171,25 +193,18 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   options = dict(fusion_options(config))
 
   def objective(params):
-    outputs, new_vars = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['x'], train=True,
-        rngs={'dropout': rng}, mutable=['batch_stats'])
+    outputs, batch_stats = apply_train(model, params, state.batch_stats, batch['x'], rng)
     ce_sums, _ = cross_entropy_sums(stacked_logits(outputs), batch['mask'],
                                     config.data.ignore_label)
     ce = ce_sums / count  # this device's share of each output's global mean
     l1 = fusions.penalty(fusion_, exchange_scales(params), options)
     total = jnp.sum(ce) + l1_weight * l1 / num_devices
-    return total, (ce, l1, outputs, new_vars.get('batch_stats', state.batch_stats))
+    return total, (ce, l1, outputs, batch_stats)
 
   grads, (ce, l1, outputs, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
   grads = sum_over_devices(grads)
   ce = jax.lax.psum(ce, AXIS)
-  lr_enc, lr_dec = stage_learning_rates(config, starts, state.step)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  lrs = jax.tree.map(lambda g: jnp.where(g == 'enc', -lr_enc, -lr_dec),
-                     param_groups(state.params), is_leaf=lambda x: isinstance(x, str))
-  updates = jax.tree.map(lambda u, lr: lr * u, updates, lrs)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state, lr_enc, lr_dec = sgd_update(config, starts, tx, state, grads)
 
   names = output_names(config)
   scalars = {f'loss/{n}': ce[i] for i, n in enumerate(names)}
@@ -315,19 +330,24 @@ def preview_image(config, batch, preds) -> np.ndarray:
 def summary(config) -> list[str]:
   """Parameter count and forward GFLOPs (XLA cost analysis) at crop_size, from shapes only."""
   from cen_jax import config as config_lib
+  lines = model_summary(config, build_model(config), len(config.modalities))
+  return [f'model: {config.model.fusion} resnet blocks '
+          f'{config_lib.resnet_blocks(config.model)}, modalities {list(config.modalities)}, '
+          f'{config.model.num_classes} classes, input {config.data.crop_size}x'
+          f'{config.data.crop_size}'] + lines
+
+
+def model_summary(config, model, num_branches: int) -> list[str]:
+  """['params: P', 'gflops: G'] of `model` at crop_size, from shapes only."""
   from cen_jax import models
-  model = build_model(config)
   size = config.data.crop_size
-  x = jax.ShapeDtypeStruct((len(config.modalities), 1, size, size, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((num_branches, 1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x,
                                                   train=False), x)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   cost = forward.lower(variables, x).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return [f'model: {config.model.fusion} resnet blocks '
-          f'{config_lib.resnet_blocks(config.model)}, modalities {list(config.modalities)}, '
-          f'{config.model.num_classes} classes, input {size}x{size}',
-          f'params: {models.count_params(variables["params"])}',
+  return [f'params: {models.count_params(variables["params"])}',
           f'gflops: {cost["flops"] / 1e9:.2f}']
 
 

@@ -10,6 +10,11 @@ branches. Each step trains D, then G against the updated D:
   G loss = sum_m BCE(D(x_m, G_m), 1) + l1_weight * sum_{o in branches + ensemble} L1(o, y)
            + l1_lambda * sum |partitioned encoder IN scales|        (counted once)
 
+Cycle multimodal fusion (`config.branches = branches.cycle(domains)`, TPAMI): branch m reads
+domain m and predicts domain m + 1 mod M; each branch's L1 and D pairs use its own target, and
+there is no ensemble (the branches predict different domains). Any 'input>target' branches work
+the same way; the ensemble exists when all branches share one target.
+
 with G run twice per step (once for D's fake images, once for its own loss; independent dropout
 masks, as the official two forward passes), Adam(lr 2e-4, betas (0.5, 0.999)) for both. Every
 loss is a mean over the *global* batch, so a data-parallel step equals one device.
@@ -36,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cen_jax import branches as branches_lib
 from cen_jax import fusion
 from cen_jax import fusions
+from cen_jax import models
 from cen_jax.train import AXIS, TrainState, all_finite, sum_over_devices
 
 BATCH_KEYS = ('target',)
@@ -52,7 +59,21 @@ NETS = ('generator', 'discriminator')
 # ----------------------------------------------------------------------------- config, model
 
 def check_config(config):
-  fusions.check_translation(fusions.get(config.model.fusion), len(config.modalities))
+  fusions.check_translation(fusions.get(config.model.fusion), len(branches_lib.inputs(config)))
+  if config.get('branches', ()):
+    for b in branches_lib.of_config(config):
+      if b.input not in config.modalities:
+        raise ValueError(f'config.branches: {b.name!r} reads {b.input!r}, which is not in '
+                         f'config.modalities={list(config.modalities)}')
+      if b.input == b.task:
+        raise ValueError(f'config.branches: {b.name!r} predicts its own input')
+    if not has_ensemble(config) and config.data.target:
+      raise ValueError(f'config.data.target={config.data.target!r}: the branches have their '
+                       f'own targets (config.branches); set config.data.target to \'\'')
+    if not has_ensemble(config) and fid_enabled(config):
+      raise ValueError('config.eval.inception_weights: FID/KID are computed against one target '
+                       'domain; branches with different targets (cycle fusion) have none')
+    return
   if config.data.target in config.modalities:
     raise ValueError(f'config.data.target={config.data.target!r} is also an input domain '
                      f'(config.modalities={list(config.modalities)})')
@@ -70,7 +91,7 @@ def image_shape(config) -> tuple:
 
 def init_variables(config, model: Models, rng):
   """{'params': {'generator', 'discriminator'}, 'batch_stats': {...}}: N(0, 0.02) kernels."""
-  x = jnp.zeros((len(config.modalities), 1) + image_shape(config), jnp.float32)
+  x = jnp.zeros((len(branches_lib.inputs(config)), 1) + image_shape(config), jnp.float32)
   rng_g, rng_d = jax.random.split(rng)
 
   def init(rng_g, rng_d):
@@ -122,8 +143,17 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return min(total, config.train.max_steps) if config.train.max_steps > 0 else total
 
 
+def branch_targets(config) -> list[str]:
+  return [b.task for b in branches_lib.of_config(config)]
+
+
+def has_ensemble(config) -> bool:
+  """The late ensemble exists when every branch predicts the same domain."""
+  return len(set(branch_targets(config))) == 1
+
+
 def output_names(config) -> list[str]:
-  return list(config.modalities) + ['ensemble']
+  return models.branch_names(config) + (['ensemble'] if has_ensemble(config) else [])
 
 
 def exchange_scales(generator_params) -> list:
@@ -144,9 +174,19 @@ def fusion_options(config) -> tuple:
 
 # ----------------------------------------------------------------------------- GAN step
 
-def stacked_outputs(outputs) -> jax.Array:
-  """[M + 1, N, H, W, 3]: every branch, then the ensemble."""
+def stacked_outputs(outputs, with_ensemble=True) -> jax.Array:
+  """[M (+ 1), N, H, W, 3]: every branch, then the ensemble."""
+  if not with_ensemble:
+    return outputs['branches']
   return jnp.concatenate([outputs['branches'], outputs['ensemble'][None]], axis=0)
+
+
+def output_targets(y, num_outputs: int) -> jax.Array:
+  """[O, N, H, W, 3] targets of the outputs: the one target [N, H, W, 3] of every output, or
+  the branches' own targets [N, M, H, W, 3] (batch axis first, as the host batch)."""
+  if y.ndim == 4:
+    return jnp.broadcast_to(y[None], (num_outputs,) + y.shape)
+  return jnp.moveaxis(y, 1, 0)
 
 
 def bce_with_logits_sums(logits, real: bool):
@@ -159,7 +199,8 @@ def bce_with_logits_sums(logits, real: bool):
 def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
   """One per-device GAN step (D, then G against the updated D); collectives on AXIS.
 
-  batch: {'x': [M, n, S, S, 3] inputs, 'target': [n, S, S, 3]}, both in [-1, 1].
+  batch: {'x': [M, n, S, S, 3] inputs, 'target': [n, S, S, 3] (or [n, M, S, S, 3], each
+  branch its own)}, all in [-1, 1].
   """
   G, D = model
   t = config.train
@@ -169,7 +210,8 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
   rng_d, rng_g = jax.random.split(rng)
   num_devices = jax.lax.psum(1, AXIS)
   global_n = jax.lax.psum(x.shape[1], AXIS)
-  targets = jnp.broadcast_to(y[None], x.shape)
+  targets = output_targets(y, x.shape[0])  # the D pairs' real images, per branch
+  ensemble = has_ensemble(config)
   g_stats, d_stats = state.batch_stats['generator'], state.batch_stats['discriminator']
   d_params = state.params['discriminator']
 
@@ -204,7 +246,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
   d_params = optax.apply_updates(d_params, d_updates)
 
   # Generator against the updated discriminator.
-  pixels = global_n * np.prod(y.shape[1:])
+  pixels = global_n * np.prod(y.shape[-3:])  # per output: N x S x S x 3
   fusion_ = fusions.get(config.model.fusion)
   use_slim = fusion_.penalty is not None and t.l1_lambda > 0
   options = dict(fusion_options(config))
@@ -213,7 +255,8 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     out, stats = generate(params, g_stats, rng_g)
     fake_logits, new_d_stats = discriminate(d_params, d_stats, out['branches'])
     adversarial = patch_mean(bce_with_logits_sums(fake_logits, True), fake_logits)
-    diff = jnp.abs(stacked_outputs(out).astype(jnp.float32) - y[None].astype(jnp.float32))
+    outputs = stacked_outputs(out, ensemble).astype(jnp.float32)
+    diff = jnp.abs(outputs - output_targets(y, outputs.shape[0]).astype(jnp.float32))
     pixel_l1 = jnp.sum(diff, axis=tuple(range(1, diff.ndim))) / pixels  # [M + 1]
     slim = (fusions.penalty(fusion_, exchange_scales(params), options) if use_slim
             else jnp.zeros(()))
@@ -238,11 +281,12 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     scalars[f'loss/l1_{name}'] = pixel_l1[o]
   scalars['loss/total'] = (jnp.sum(adversarial) + t.l1_weight * jnp.sum(pixel_l1)
                            + t.l1_lambda * slim)  # the generator's objective, as logged
-  for m, name in enumerate(config.modalities):
-    scalars[f'alpha/{name}'] = alpha[m]
+  if ensemble:
+    for m, name in enumerate(models.branch_names(config)):
+      scalars[f'alpha/{name}'] = alpha[m]
   if fusion_.monitor_scales:
     below = fusion.fraction_below_threshold(exchange_scales(g_params), config.model.threshold)
-    for m, name in enumerate(config.modalities):
+    for m, name in enumerate(models.branch_names(config)):
       scalars[f'scales_below_threshold/{name}'] = below[m]
   new_state = TrainState(
       step=state.step + 1,
@@ -260,11 +304,11 @@ def make_train_step(config, model, starts):
 # ----------------------------------------------------------------------------- evaluation
 
 def generate(variables, x, rng, *, model: Models, config):
-  """Evaluation/predict forward of G: [M + 1, N, S, S, 3] outputs in [-1, 1]."""
+  """Evaluation/predict forward of G: [M (+ 1), N, S, S, 3] outputs in [-1, 1]."""
   out = model.generator.apply(variables, x, train=False,
                               deterministic=not config.model.test_dropout,
                               rngs={'dropout': rng})
-  return stacked_outputs(out)
+  return stacked_outputs(out, has_ensemble(config))
 
 
 def eval_step(inputs, batch, *, model, config, with_target_features=True):
@@ -272,7 +316,8 @@ def eval_step(inputs, batch, *, model, config, with_target_features=True):
   Inception variables (inputs[2] not None) pool3 features [M + 1 (+ 1 target), N, 2048]."""
   variables, rng, inception = inputs
   outputs = generate(variables, batch['x'], rng, model=model, config=config)
-  diff = outputs.astype(jnp.float32) - batch['target'][None].astype(jnp.float32)
+  diff = outputs.astype(jnp.float32) - output_targets(
+      batch['target'], outputs.shape[0]).astype(jnp.float32)
   axes = (2, 3, 4)
   l1, mse = jnp.mean(jnp.abs(diff), axes), jnp.mean(jnp.square(diff), axes)
   if inception is None:
@@ -458,7 +503,11 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
 
 
 def best_value(results) -> float:
-  return float(results['metrics']['ensemble']['l1'])
+  """The ensemble's L1, or the mean L1 of the branches when they have different targets."""
+  metrics = results['metrics']
+  if 'ensemble' in metrics:
+    return float(metrics['ensemble']['l1'])
+  return float(np.mean([s['l1'] for s in metrics.values()]))
 
 
 def progress_line(results) -> str:
@@ -476,9 +525,15 @@ def preview_image(config, batch, outputs) -> np.ndarray:
     if 'valid' in batch and not batch['valid'][i]:
       continue
     panels = [(n, viz.to_uint8_image(batch[n][i])) for n in config.modalities]
-    panels.append((f'{config.data.target} (target)', viz.to_uint8_image(batch['target'][i])))
-    panels += [(f'{n} out', viz.to_uint8_image(outputs[o, i]))
-               for o, n in enumerate(output_names(config))]
+    if has_ensemble(config):
+      panels.append((f'{branch_targets(config)[0]} (target)',
+                     viz.to_uint8_image(batch['target'][i])))
+      panels += [(f'{n} out', viz.to_uint8_image(outputs[o, i]))
+                 for o, n in enumerate(output_names(config))]
+    else:  # every branch its own target
+      for o, (n, target) in enumerate(zip(output_names(config), branch_targets(config))):
+        panels += [(f'{target} (target)', viz.to_uint8_image(batch['target'][i][o])),
+                   (f'{n} out', viz.to_uint8_image(outputs[o, i]))]
     rows.append(viz.captioned_row(panels))
   return np.concatenate(rows, axis=0) if rows else np.zeros((1, 1, 3), np.uint8)
 
@@ -489,7 +544,8 @@ def summary(config) -> list[str]:
   """Parameter counts of G and D and the generator's forward GFLOPs, from shapes only."""
   from cen_jax import models
   model = build(config, axis_name=None)
-  x = jax.ShapeDtypeStruct((len(config.modalities), 1) + image_shape(config), jnp.float32)
+  x = jax.ShapeDtypeStruct((len(branches_lib.inputs(config)), 1) + image_shape(config),
+                           jnp.float32)
   variables = jax.eval_shape(lambda: init_variables(config, model, jax.random.key(0)))
   g_vars = {'params': variables['params']['generator'],
             'batch_stats': variables['batch_stats']['generator']}
@@ -498,8 +554,8 @@ def summary(config) -> list[str]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   size = config.data.crop_size
   return [f'model: {config.model.fusion} pix2pix generator ngf {config.model.ngf}, '
-          f'discriminator ndf {config.model.ndf}, domains {list(config.modalities)} -> '
-          f'{config.data.target}, input {size}x{size}',
+          f'discriminator ndf {config.model.ndf}, branches '
+          f'{[b.name for b in branches_lib.of_config(config)]}, input {size}x{size}',
           f'params: {models.count_params(variables["params"]["generator"])}',
           f'discriminator params: {models.count_params(variables["params"]["discriminator"])}',
           f'gflops: {cost["flops"] / 1e9:.2f}']
@@ -554,7 +610,8 @@ def predict(config, model, variables, inputs, output, *, save_logits=False) -> l
     x = np.stack([translation_data.to_unit_range(translation_data.resize(
         translation_data.file_to_stored(config, name, predict_lib.read_image(path, name)),
         size))
-        for name, path in zip(config.modalities, paths)])[:, None]
+        for name, path in zip(config.modalities, paths)])
+    x = x[np.asarray([config.modalities.index(n) for n in branches_lib.inputs(config)])][:, None]
     outputs = np.asarray(jax.device_get(forward(variables, x, eval_key(config, 0))))
     for o, name in enumerate(output_names(config)):
       image_path = os.path.join(output, f'{stem}_{name}.png')

@@ -9,8 +9,16 @@ multiplies them by config.data.depth_scale = 1/5000), `mask` uint8 HxW (zlib ten
 ignore), `name` (the rgb path relative to the manual dir). Images keep their own size; inputs
 larger than the mask are centre-cropped to it at training time (official CropAlignToMask).
 Examples keep list order (index i of a split is line i of its list).
+
+BuilderConfigs: 'default' (the above) and 'multitask' (config.data.builder_config =
+'multitask'; the dense multitask scenarios, cen_jax/tasks/dense.py), which adds `normals` uint8
+HxWx3 from user-supplied files <manual_dir>/normals/<rgb file stem>.png: 8-bit RGB PNGs of
+the size of the rgb image holding round(127 n + 128) per component of the unit normal in camera
+coordinates (x right, y down, z forward), (0, 0, 0) where there is none. The depth target of
+the depth task is the stored depth (x config.data.depth_target_scale).
 """
 
+import dataclasses
 import os
 import sys
 
@@ -41,17 +49,28 @@ yikaiw/CEN: semantic_segmentation/data/nyudv2/{train,val}.txt; the images are li
 """
 
 
+@dataclasses.dataclass(eq=False)
+class NyuConfig(tfds.core.BuilderConfig):
+  normals_dir: str = ''  # '' = no normals; else the manual-dir folder of the normals PNGs
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """NYUDv2 40-class RGB-D segmentation (official CEN layout)."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+  BUILDER_CONFIGS = [
+      NyuConfig(name='default', description='rgb, depth, 40-class mask'),
+      NyuConfig(name='multitask', normals_dir='normals',
+                description='also surface normals from <manual_dir>/normals/<stem>.png'),
+  ]
+  DEFAULT_BUILDER_CONFIG_NAME = 'default'
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=rgbd_files.features(tfds),
+        features=rgbd_files.features(tfds, normals=bool(self.builder_config.normals_dir)),
         supervised_keys=None,
         homepage='https://cs.nyu.edu/~fergus/datasets/nyu_depth_v2.html',
         disable_shuffling=True,  # keep list order
@@ -66,4 +85,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, manual_dir, list_path):
     yield from rgbd_files.generate_examples(
         manual_dir, list_path, num_classes=NUM_CLASSES,
-        check=rgbd_files.check_not_smaller_than_mask)
+        check=rgbd_files.check_not_smaller_than_mask,
+        normals_dir=self.builder_config.normals_dir)

@@ -24,7 +24,15 @@ object boundaries are labelled 255 (ignore).
 
 Storage follows the NYUDv2 conventions of the pipeline: `rgb` uint8 HxWx3, `depth` uint16 HxW
 holding metres * 5000 (config.data.depth_scale = 1/5000 turns it back into metres), `mask` uint8
-HxW (255 = ignore), `name`. Generation is a pure function of (SEED, split, index).
+HxW (255 = ignore), `normals` uint8 HxWx3, `name`. Generation is a pure function of (SEED, split,
+index).
+
+Surface normals (version 1.1.0; the multitask targets, cen_jax/dense_data.py) come from the
+noise-free depth through a pinhole camera with the principal point at the image centre and a
+focal length of FOCAL_IN_WIDTHS image widths, in camera coordinates (x right, y down, z
+forward), facing the camera. They are stored as uint8 round(127 n + 128), in [1, 255];
+(0, 0, 0) marks pixels without a normal (within one pixel of an occlusion boundary). Adding
+them changed no other feature (they draw nothing from the generator).
 
 BuilderConfigs: 'default' 64x64 with 1000 train / 200 test; 'small' 32x32 with 200 / 50;
 'tiny' 16x20 with 8 / 6 (smoke tests). Custom sizes: pass
@@ -44,6 +52,7 @@ COLOUR_CLASSES = (1, 2, 3)
 DEPTH_CLASSES = (4, 5, 6)
 SEED = 20201105
 DEPTH_UNITS_PER_METRE = 5000.0
+FOCAL_IN_WIDTHS = 4.0  # telephoto: object slants tilt normals by up to ~20 degrees
 
 _HUES = {1: 0.0, 2: 120.0, 3: 240.0, 4: 60.0, 5: 60.0, 6: 60.0}
 _DEPTH_LEVELS = {4: 1.25, 5: 2.0, 6: 2.75}
@@ -67,8 +76,32 @@ def _hsv_to_rgb(h, s, v):
   return (np.array(rgb) + (v - c)) * 255.0
 
 
+def camera_normals(depth: np.ndarray, focal: float) -> np.ndarray:
+  """Unit normals [H, W, 3] of a depth map (metres) seen by a pinhole camera with focal length
+  `focal` pixels and the principal point at the image centre; oriented towards the camera."""
+  height, width = depth.shape
+  v, u = np.mgrid[0:height, 0:width].astype(np.float64)
+  u = u - (width - 1) / 2.0
+  v = v - (height - 1) / 2.0
+  z_v, z_u = np.gradient(depth)
+  # Tangents of P(u, v) = z * (u / f, v / f, 1) along u and v.
+  t_u = np.stack([(depth + u * z_u) / focal, v * z_u / focal, z_u], axis=-1)
+  t_v = np.stack([u * z_v / focal, (depth + v * z_v) / focal, z_v], axis=-1)
+  n = np.cross(t_u, t_v)
+  n /= np.linalg.norm(n, axis=-1, keepdims=True)
+  ray = np.stack([u / focal, v / focal, np.ones_like(u)], axis=-1)
+  return np.where(np.sum(n * ray, axis=-1, keepdims=True) > 0, -n, n)
+
+
+def encode_normals(normals: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3]: round(127 n + 128) in [1, 255] where valid, (0, 0, 0) elsewhere."""
+  code = np.clip(np.round(127.0 * normals + 128.0), 1, 255).astype(np.uint8)
+  return np.where(valid[..., None], code, 0).astype(np.uint8)
+
+
 def render_scene(rng: np.random.Generator, height: int, width: int):
-  """(rgb uint8 HxWx3, depth uint16 HxW in metres*5000, mask uint8 HxW)."""
+  """(rgb uint8 HxWx3, depth uint16 HxW in metres*5000, mask uint8 HxW, normals uint8 HxWx3
+  as `encode_normals`)."""
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
   yn, xn = yy / max(height - 1, 1), xx / max(width - 1, 1)
   # Background: wall bending into a floor.
@@ -78,6 +111,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
   shade = 1.0 + rng.uniform(-0.15, 0.15) * (yn - 0.5) + rng.uniform(-0.15, 0.15) * (xn - 0.5)
   rgb = bg[None, None, :] * shade[:, :, None]
   mask = np.zeros((height, width), np.uint8)
+  surface = np.zeros((height, width), np.int32)  # which surface each pixel shows (0: wall)
 
   objects = []
   for _ in range(int(rng.integers(2, 6))):
@@ -97,7 +131,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
         hue=_HUES[cls] + rng.uniform(-12, 12), sat=rng.uniform(0.55, 0.9),
         val=rng.uniform(0.5, 0.95), slant=rng.uniform(-0.15, 0.15, size=2),
         grad=rng.uniform(-0.2, 0.2, size=2)))
-  for p in sorted(params, key=lambda q: -q['d']):  # far to near
+  for k, p in enumerate(sorted(params, key=lambda q: -q['d'])):  # far to near
     dy, dx = (yy - p['cy']) / p['ry'], (xx - p['cx']) / p['rx']
     inside = (dy ** 2 + dx ** 2 <= 1.0) if p['ellipse'] else (
         (np.abs(dy) <= 1.0) & (np.abs(dx) <= 1.0))
@@ -107,6 +141,15 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
     depth = np.where(inside, obj_depth, depth)
     rgb = np.where(inside[:, :, None], colour[None, None, :] * obj_shade[:, :, None], rgb)
     mask[inside] = p['cls']
+    surface[inside] = k + 1
+
+  # Normals from the noise-free depth; none within one pixel of another surface.
+  padded = np.pad(surface, 1, mode='edge')
+  smooth = np.ones((height, width), bool)
+  for dy in range(3):
+    for dx in range(3):
+      smooth &= padded[dy: dy + height, dx: dx + width] == surface
+  normals = encode_normals(camera_normals(depth, FOCAL_IN_WIDTHS * width), smooth)
 
   rgb = rgb + rng.normal(0.0, 12.0, size=rgb.shape)
   depth = depth + rng.normal(0.0, 0.03, size=depth.shape)
@@ -117,14 +160,15 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
   mask = np.where(edge & (rng.random(mask.shape) < 0.25), IGNORE_LABEL, mask).astype(np.uint8)
   rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
   depth = np.clip(np.round(depth * DEPTH_UNITS_PER_METRE), 0, 65535).astype(np.uint16)
-  return rgb, depth, mask
+  return rgb, depth, mask, normals
 
 
 def example(split: str, index: int, height: int, width: int) -> dict:
   """Example `index` of `split`: a pure function of (SEED, split, index, size)."""
   rng = np.random.default_rng([SEED, _SPLIT_CODES[split], index, height, width])
-  rgb, depth, mask = render_scene(rng, height, width)
-  return {'rgb': rgb, 'depth': depth, 'mask': mask, 'name': f'{split}/{index:06d}'}
+  rgb, depth, mask, normals = render_scene(rng, height, width)
+  return {'rgb': rgb, 'depth': depth, 'mask': mask, 'normals': normals,
+          'name': f'{split}/{index:06d}'}
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
@@ -135,8 +179,9 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Synthetic RGB-D scenes (colour-only and depth-only classes)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Surface normals (multitask targets); other features unchanged.'}
   BUILDER_CONFIGS = [
       SyntheticScenesConfig(name='default', description='64x64, 1000 train / 200 test'),
       SyntheticScenesConfig(name='small', height=32, width=32, num_train=200, num_test=50,
@@ -153,6 +198,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'rgb': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
             'depth': tfds.features.Tensor(shape=(None, None), dtype=np.uint16, encoding='zlib'),
             'mask': tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding='zlib'),
+            'normals': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
             'name': tfds.features.Text(),
         }),
         supervised_keys=None,
@@ -169,5 +215,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for index in range(count):
       ex = example(split, index, c.height, c.width)
+      ex['normals'] = _png_bytes(ex['normals'])
       ex['rgb'] = _png_bytes(ex['rgb'])  # encoded here: TFDS needs TensorFlow to encode arrays
       yield index, ex
