@@ -4,8 +4,9 @@ embedded synthetic scenes, branch m reads domain m and predicts domain m + 1 mod
   reshading -> edge_texture,  edge_texture -> rgb,  rgb -> reshading
 
 Every branch alone faces an ill-posed mapping (shading has no colour stripes, edges have no
-lighting, ...); with channel exchange it can draw on the branch that reads its target domain's
-neighbours. The translation demo's recipe (configs/demo_translation.py) at 1,000 steps; compare
+lighting, ...); channel exchange lets it draw on the other branches' features, one of which reads
+its target domain (at this budget that did not beat `fusion = none`: README). The translation
+demo's recipe (configs/demo_translation.py) at 1,000 steps; compare
 with `--config.model.fusion=none` (or `python -m cen_jax.ablate --config
 configs/demo_translation_cycle.py --fusions cen,none`). Metric: L1 / RMSE of each branch against
 its own target (there is no ensemble: the branches predict different domains).
