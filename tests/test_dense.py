@@ -393,3 +393,17 @@ def test_nyudv2_multitask_normals_from_user_files(tmp_path):
   config.data.data_dir = str(tmp_path / 'tfds2')
   with pytest.raises(ValueError, match=r'normals/000001\.png: file not found'):
     input_pipeline.prepare(config)
+
+
+def test_empty_stats_match_the_eval_step():
+  """A process without eval batches contributes zeros of exactly the eval step's structure."""
+  config = tiny_dense(demo_dense.SCENARIOS['mm_multitask'] + ('rgb>depth',))
+  model, variables = init_params(config)
+  batch = random_dense_batch(config, 3, size=(16, 16))
+  batch['x'] = np.stack([batch[n] for n in branches_lib.inputs(config)])
+  stats, _ = dense.eval_step(variables, batch, model=model, config=config)
+  empty = dense.empty_stats(config)
+  assert jax.tree.structure(empty) == jax.tree.structure(stats)
+  for a, b in zip(jax.tree.leaves(empty), jax.tree.leaves(stats)):
+    assert a.shape == b.shape and not a.any()
+  assert dense.scores('normals', jax.tree.map(lambda s: s[0], empty['normals']))['mean'] == 0.0

@@ -254,6 +254,22 @@ def make_eval_fn(config, model):
                              batch_keys(config), reduced_outputs=(True, False))
 
 
+def empty_stats(config) -> dict:
+  """Zero statistics of every task, shaped as `eval_step` returns them."""
+  out = {}
+  for t in task_list(config):
+    n = len(task_output_names(config, t))
+    if t == 'semseg':
+      out[t] = np.zeros((n,) + (config.model.num_classes,) * 2)
+    elif t == 'depth':
+      out[t] = np.zeros((n, len(metrics_lib.DEPTH_SUMS)))
+    else:
+      out[t] = {'count': np.zeros(n), 'angle': np.zeros(n),
+                'within': np.zeros((n, len(metrics_lib.NORMAL_THRESHOLDS))),
+                'histogram': np.zeros((n, metrics_lib.NORMAL_ANGLE_BINS))}
+  return out
+
+
 def scores(task: str, stats) -> dict:
   if task == 'semseg':
     return metrics_lib.scores(stats)
@@ -279,8 +295,8 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
     total = stats if total is None else jax.tree.map(np.add, total, stats)
     if preview is None and config.train.num_previews > 0:
       preview = (batch, jax.device_get(preds))
-  if total is None:
-    raise ValueError(f'split {split!r} of {config.data.name!r} has no examples')
+  if total is None:  # this process got no batch: it still joins the sums over processes
+    total = empty_stats(config)
   total = jax.tree.map(train.sum_over_processes, total)
   metrics = {}
   for t in task_list(config):
