@@ -38,7 +38,8 @@ TABLE_METRICS = {'segmentation': ('miou',), 'semseg': ('miou',),
 
 def output_task(task: str, output: str) -> str:
   """The key of MAIN_METRIC / TABLE_METRICS for one output of a run of `task`."""
-  return output.split('>')[-1] if task == 'dense' else task
+  from cen_jax import branches
+  return output.split(branches.SEPARATOR)[-1] if task == 'dense' else task
 
 
 class Interrupted(Exception):

@@ -63,6 +63,14 @@ def of_config(config) -> list[Branch]:
   return [Branch(m, target) for m in config.modalities]
 
 
+def check_inputs(config) -> None:
+  """Every branch reads one of config.modalities (the domains the pipeline loads)."""
+  for b in of_config(config):
+    if b.input not in config.modalities:
+      raise ValueError(f'config.branches: {b.name!r} reads {b.input!r}, which is not in '
+                       f'config.modalities={list(config.modalities)} (the inputs to load)')
+
+
 def inputs(config) -> list[str]:
   """The input domain of every branch, in branch order (stacked into x[m])."""
   return [b.input for b in of_config(config)]

@@ -71,13 +71,11 @@ def batch_keys(config) -> tuple:
 def check_config(config):
   seg.check_config(config)
   found = branches(config)
+  branches_lib.check_inputs(config)
   for b in found:
     if b.task not in TASK_LOSSES:
       raise ValueError(f'config.branches: {b.name!r} has task {b.task!r}; expected one of '
                        f'{", ".join(TASK_LOSSES)}')
-    if b.input not in config.modalities:
-      raise ValueError(f'config.branches: {b.name!r} reads {b.input!r}, which is not in '
-                       f'config.modalities={list(config.modalities)} (the inputs to load)')
   if fusions.get(config.model.fusion).network != 'shared':
     raise ValueError(f'config.model.fusion={config.model.fusion!r}: the dense task needs a '
                      f'fusion of the shared network (separate/early are segmentation baselines)')

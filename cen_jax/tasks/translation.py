@@ -61,10 +61,8 @@ NETS = ('generator', 'discriminator')
 def check_config(config):
   fusions.check_translation(fusions.get(config.model.fusion), len(branches_lib.inputs(config)))
   if config.get('branches', ()):
+    branches_lib.check_inputs(config)
     for b in branches_lib.of_config(config):
-      if b.input not in config.modalities:
-        raise ValueError(f'config.branches: {b.name!r} reads {b.input!r}, which is not in '
-                         f'config.modalities={list(config.modalities)}')
       if b.input == b.task:
         raise ValueError(f'config.branches: {b.name!r} predicts its own input')
     if not has_ensemble(config) and config.data.target:
