@@ -16,7 +16,11 @@ import os
 import sys
 import warnings
 
-from absl import app
+from cen_jax import host_memory
+
+host_memory.keep_freed_host_memory()  # before JAX starts its threads
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

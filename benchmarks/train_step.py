@@ -131,6 +131,11 @@ def serve(make_step):
 
 def jax_worker():
   sys.path.insert(0, ROOT)
+  try:  # as main.py does (trees from before cen_jax/host_memory.py: the allocator as it is)
+    from cen_jax import host_memory
+    host_memory.keep_freed_host_memory()
+  except ImportError:
+    pass
   import jax
   import jaxlib
   sys.stderr.write(f'cen-jax worker: jax {jax.__version__}, backend {jax.default_backend()}\n')

@@ -13,7 +13,12 @@ import json
 import os
 import sys
 
-import numpy as np
+from cen_jax import host_memory
+
+if __name__ == '__main__':
+  host_memory.keep_freed_host_memory()  # as main.py does, before JAX starts its threads
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags

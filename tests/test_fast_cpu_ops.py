@@ -1,5 +1,6 @@
-"""The CPU formulation of max-pool (cen_jax/layers.py) equals XLA's reference op (reduce_window)
-in values and gradients, ties included.
+"""The CPU formulations (cen_jax/layers.py) equal XLA's reference ops in values and gradients:
+max-pool against reduce_window (ties included), the per-tap kernel gradient of a convolution
+against XLA's convolution gradient and a numpy loop.
 
 Integer-valued inputs and cotangents keep every sum exact in float32, so those cases compare
 exactly whatever the summation order; random floats compare to a tolerance.
@@ -79,3 +80,72 @@ def test_max_pool_layer_equals_reference(window, stride, padding, pool_form):
   y_new, dx_new = value_and_vjp(lambda x: layers.max_pool(x, window, stride, padding), x, g)
   np.testing.assert_array_equal(y_new, y_ref)
   np.testing.assert_array_equal(dx_new, dx_ref)
+
+
+def numpy_kernel_grad(x, g, k, padding):
+  """dK[i, j, c, d] = sum over n, h, w of x_padded[n, h + i, w + j, c] g[n, h, w, d], in float64."""
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  _, h, w, _ = g.shape
+  return np.stack([np.stack([np.einsum('nhwc,nhwd->cd', xp[:, i:i + h, j:j + w], g)
+                             for j in range(k)]) for i in range(k)])
+
+
+@pytest.mark.parametrize('k,padding,shape', [(3, 1, (2, 7, 5, 6)), (3, 0, (1, 6, 9, 4)),
+                                             (5, 2, (3, 4, 4, 2)), (2, 1, (2, 5, 3, 3))])
+@pytest.mark.parametrize('values', ['ints', 'floats'])
+def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values):
+  rng = np.random.default_rng(k + padding + shape[0])
+  cout = 5
+  kernel_shape = (k, k, shape[-1], cout)
+  if values == 'ints':  # exact in float32 whatever the order of the sums
+    x, kernel = small_ints(rng, shape, -2, 3), small_ints(rng, kernel_shape, -2, 3)
+  else:
+    x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape).astype(np.float32))
+  reference = lambda x, kernel: layers.conv(x, kernel, 1, padding)
+  g_shape = jax.eval_shape(reference, x, kernel).shape
+  g = small_ints(rng, g_shape, -3, 4) if values == 'ints' else jnp.asarray(
+      rng.standard_normal(g_shape).astype(np.float32))
+  y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+  y_new, vjp_new = jax.vjp(lambda x, kernel: layers.conv_tap_kernel_grad(x, kernel, padding),
+                           x, kernel)
+  (dx_ref, dk_ref), (dx_new, dk_new) = vjp_ref(g), vjp_new(g)
+  np.testing.assert_array_equal(y_new, y_ref)
+  np.testing.assert_array_equal(dx_new, dx_ref)  # the same XLA op
+  dk_numpy = numpy_kernel_grad(x, g, k, padding)
+  if values == 'ints':
+    np.testing.assert_array_equal(dk_new, dk_ref)
+    np.testing.assert_array_equal(dk_new, dk_numpy)
+  else:
+    np.testing.assert_allclose(dk_new, dk_numpy, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk_ref, dk_numpy, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
+  """SharedConv takes the per-tap kernel gradient on CPU from MIN_TAP_GRAD_CHANNELS channels
+  (in and out), for stride 1 only; the layer's value and gradients equal XLA's form."""
+  rng = np.random.default_rng(3)
+  x = small_ints(rng, (2, 2, 6, 5, 4))  # [M, N, H, W, C]
+  conv = layers.SharedConv(6, 3, 1, 1, use_bias=True)
+  variables = conv.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda v: small_ints(rng, v.shape, -2, 3), variables)
+  g = small_ints(rng, (2, 2, 6, 5, 6), -2, 3)
+
+  def grads():
+    y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), variables, x)
+    return y, vjp(g)
+
+  calls = []
+  original = layers.conv_tap_kernel_grad
+  monkeypatch.setattr(layers, 'conv_tap_kernel_grad',
+                      lambda *a: calls.append(a[1].shape) or original(*a))
+  y_xla, grads_xla = grads()
+  assert not calls  # 4 and 6 channels: XLA's gradient
+  monkeypatch.setattr(layers, 'MIN_TAP_GRAD_CHANNELS', 4)
+  y_tap, grads_tap = grads()
+  assert calls == [(3, 3, 4, 6)]
+  np.testing.assert_array_equal(y_tap, y_xla)
+  jax.tree.map(np.testing.assert_array_equal, grads_tap, grads_xla)
+  calls.clear()
+  layers.SharedConv(6, 3, 2, 1).init(jax.random.key(0), x)  # strided: XLA's
+  assert not calls
