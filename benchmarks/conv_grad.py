@@ -26,7 +26,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from cen_jax import layers  # pylint: disable=wrong-import-position
 
 DEFAULT_SHAPES = ['4x64x64x256x256', '4x32x32x256x256', '4x16x16x256x256', '4x8x8x512x512',
-                  '4x32x32x128x128', '4x64x64x64x64']
+                  '4x32x32x128x128', '4x64x64x256x40', '4x64x64x64x64']
 
 
 def median_ms(fn, args, repeats):

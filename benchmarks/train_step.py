@@ -5,8 +5,10 @@
 
 For every case a cen-jax worker process and (with --official_repo) an official PyTorch worker
 process (benchmarks/official_torch_step.py, run by --torch_python) build the same network on the
-same synthetic batch; the parent then alternates single steps between them (ABBA order) so both
-see the same machine load, and prints the medians and their ratio as one table. Default cases:
+same synthetic batch; the parent then alternates turns between them (ABBA order) so both
+see the same machine load, and times the last of `--block` steps of each turn (steady state, as
+in training: on this 2-core machine the first step after the other worker ran was up to 1.5x
+slower, more so for cen-jax), and prints the medians and their ratio as one table. Default cases:
 RefineNet-LW on ResNet-50, M = 2, 40 classes, frozen BN, two SGD groups, CE on the M + 1
 outputs + L1, 128x128 and 256x256 batch 2 (train step); ResNet-101 480x640 batch 1 (forward,
 eval mode). Compile time (cen-jax: lower + compile) and the first PyTorch step are reported
@@ -191,7 +193,8 @@ def case_name(case):
 
 
 def measure(case, args):
-  """Median seconds of `args.steps` alternated steps of each worker, plus set-up figures."""
+  """Median seconds of `args.steps` alternated turns of each worker (the last step of each),
+  plus set-up figures."""
   workers = {'jax': Worker([args.jax_python, os.path.abspath(__file__), '--worker'])}
   if args.compare_tree:
     workers['jax_other'] = Worker([args.jax_python, os.path.join(
@@ -208,6 +211,9 @@ def measure(case, args):
     for i in range(args.warmup + args.steps):
       last = {}
       for k in (order if i % 2 == 0 else order[::-1]):  # ABBA: none always runs first
+        time.sleep(args.settle_s)
+        for _ in range(args.block - 1):  # untimed: what the switch from the other worker costs
+          workers[k].ask(cmd='run')
         reply = workers[k].ask(cmd='run')
         last[k] = reply['seconds']
         if i >= args.warmup:
@@ -265,6 +271,11 @@ def main():
   parser.add_argument('--forward_batch', type=int, default=1)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per worker and case')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first')
+  parser.add_argument('--settle_s', type=float, default=0.0,
+                      help='idle seconds before each turn of a worker')
+  parser.add_argument('--block', type=int, default=2,
+                      help='steps per turn of a worker, the last one timed (steady state, as '
+                      'in training: the first step after the other worker ran is slower)')
   parser.add_argument('--compare_tree', default='',
                       help='another cen-jax checkout (e.g. before a change) timed alongside')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
@@ -281,7 +292,7 @@ def main():
          f"{first['torch']['threads']} threads)" if 'torch' in first else ''))
   print(f'cpus: {os.cpu_count()}, load average at the end: '
         f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}; median of {args.steps} alternated '
-        f'steps after {args.warmup} warm-up')
+        f'turns of {args.block} steps (the last timed) after {args.warmup} warm-up')
   print(table(results, args.compare_tree))
 
 

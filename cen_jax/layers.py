@@ -63,7 +63,7 @@ class SharedConv(nn.Module):
       if self.stride > 1:
         y = y[:, ::self.stride, ::self.stride, :]
       y = jnp.einsum('nhwc,cd->nhwd', y, kernel[0, 0])
-    elif self.stride == 1 and use_tap_kernel_grad(in_features, self.features):
+    elif self.stride == 1 and use_tap_kernel_grad(in_features):
       y = conv_tap_kernel_grad(y, kernel, self.padding)
     else:
       y = conv(y, kernel, self.stride, self.padding)
@@ -82,14 +82,14 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 
 # XLA:CPU computes a convolution's kernel gradient as a convolution whose window is the whole
 # feature map, at a fifth to a third of the forward convolution's FLOP rate. The per-tap
-# matmuls of `conv_tap_kernel_grad` are 1.3-4x faster from 128 channels on (the larger the
-# map, the more); below that XLA's own is faster. benchmarks/conv_grad.py measures both.
+# matmuls of `conv_tap_kernel_grad` are 1.3-4x faster from 128 input channels on (the larger
+# the map, the more; the 256 -> 40 classifier too, as it saves XLA's transposes of the map);
+# below that XLA's own is faster. benchmarks/conv_grad.py measures both.
 MIN_TAP_GRAD_CHANNELS = 128
 
 
-def use_tap_kernel_grad(in_features: int, out_features: int) -> bool:
-  return (jax.default_backend() == 'cpu'
-          and min(in_features, out_features) >= MIN_TAP_GRAD_CHANNELS)
+def use_tap_kernel_grad(in_features: int) -> bool:
+  return jax.default_backend() == 'cpu' and in_features >= MIN_TAP_GRAD_CHANNELS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

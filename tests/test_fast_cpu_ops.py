@@ -122,8 +122,8 @@ def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values):
 
 
 def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
-  """SharedConv takes the per-tap kernel gradient on CPU from MIN_TAP_GRAD_CHANNELS channels
-  (in and out), for stride 1 only; the layer's value and gradients equal XLA's form."""
+  """SharedConv takes the per-tap kernel gradient on CPU from MIN_TAP_GRAD_CHANNELS input
+  channels, for stride 1 only; the layer's value and gradients equal XLA's form."""
   rng = np.random.default_rng(3)
   x = small_ints(rng, (2, 2, 6, 5, 4))  # [M, N, H, W, C]
   conv = layers.SharedConv(6, 3, 1, 1, use_bias=True)
@@ -140,7 +140,7 @@ def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
   monkeypatch.setattr(layers, 'conv_tap_kernel_grad',
                       lambda *a: calls.append(a[1].shape) or original(*a))
   y_xla, grads_xla = grads()
-  assert not calls  # 4 and 6 channels: XLA's gradient
+  assert not calls  # 4 input channels: XLA's gradient
   monkeypatch.setattr(layers, 'MIN_TAP_GRAD_CHANNELS', 4)
   y_tap, grads_tap = grads()
   assert calls == [(3, 3, 4, 6)]
