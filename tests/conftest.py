@@ -11,7 +11,3 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
-
-from cen_jax import host_memory  # pylint: disable=wrong-import-position
-
-host_memory.keep_freed_host_memory()  # as main.py does, before JAX starts its threads
