@@ -30,14 +30,15 @@ DEFAULT_SHAPES = ['4x64x64x256x256', '4x32x32x256x256', '4x16x16x256x256', '4x8x
 
 
 def median_ms(fn, args, repeats):
+  """Median milliseconds of the compiled `fn` and its (warm-up) output."""
   compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
+  out = jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times), compiled(*args)
+  return 1e3 * statistics.median(times), out
 
 
 def backward(form, part):

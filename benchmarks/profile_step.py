@@ -82,10 +82,7 @@ def main():
   parser.add_argument('--top', type=int, default=12, help='single kinds-and-shapes listed')
   parser.add_argument('--trace_dir', default='/tmp/cen_jax_profile')
   args = parser.parse_args()
-  height, width = train_step.parse_shape(args.shape)
-  case = dict(branches=2, classes=40, lr_enc=5e-4, lr_dec=3e-3, mode='train',
-              resnet=args.resnet, height=height, width=width, batch=args.batch)
-  step = train_step.JaxStep(case)
+  step = train_step.JaxStep(train_step.make_case('train', args.shape, args.batch, args.resnet))
   step()
   step()
   start = time.perf_counter()

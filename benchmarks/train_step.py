@@ -173,17 +173,19 @@ def parse_shape(text):
   return int(h), int(w)
 
 
+def make_case(mode, shape, batch, resnet, branches=2, classes=40):
+  """One benchmark case: the recipe both workers build (see the module docstring)."""
+  height, width = parse_shape(shape)
+  return dict(mode=mode, resnet=resnet, height=height, width=width, batch=batch,
+              branches=branches, classes=classes, lr_enc=5e-4, lr_dec=3e-3)
+
+
 def cases(args):
-  common = dict(branches=args.branches, classes=args.classes, lr_enc=5e-4, lr_dec=3e-3)
-  out = []
-  for shape in args.shapes:
-    h, w = parse_shape(shape)
-    out.append(dict(common, mode='train', resnet=args.resnet, height=h, width=w,
-                    batch=args.batch))
+  common = dict(branches=args.branches, classes=args.classes)
+  out = [make_case('train', shape, args.batch, args.resnet, **common) for shape in args.shapes]
   if args.forward_shape:
-    h, w = parse_shape(args.forward_shape)
-    out.append(dict(common, mode='forward', resnet=args.forward_resnet, height=h, width=w,
-                    batch=args.forward_batch))
+    out.append(make_case('forward', args.forward_shape, args.forward_batch, args.forward_resnet,
+                         **common))
   return out
 
 
@@ -211,7 +213,6 @@ def measure(case, args):
     for i in range(args.warmup + args.steps):
       last = {}
       for k in (order if i % 2 == 0 else order[::-1]):  # ABBA: none always runs first
-        time.sleep(args.settle_s)
         for _ in range(args.block - 1):  # untimed: what the switch from the other worker costs
           workers[k].ask(cmd='run')
         reply = workers[k].ask(cmd='run')
@@ -271,8 +272,6 @@ def main():
   parser.add_argument('--forward_batch', type=int, default=1)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per worker and case')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first')
-  parser.add_argument('--settle_s', type=float, default=0.0,
-                      help='idle seconds before each turn of a worker')
   parser.add_argument('--block', type=int, default=2,
                       help='steps per turn of a worker, the last one timed (steady state, as '
                       'in training: the first step after the other worker ran is slower)')
