@@ -100,3 +100,47 @@ def test_data_iterator_state_round_trip(tmp_path):
   ckpt_lib.Checkpoints(str(tmp_path)).restore(
       5, ckpt_lib.abstract_like(state, sharding_on(jax.devices()[:1])), data_iterator=fresh)
   assert next(fresh) == 6
+
+
+def test_late_read_errors_of_a_reported_step_are_not_logged(tmp_path):
+  """orbax's orphaned read tasks for a damaged step can log 'Task exception was never
+  retrieved' after restore_first_intact has moved on; those records (and only those) are
+  dropped, since the one-line warning already named the step."""
+  import logging
+  import os
+  config = tiny_config()
+  state = make_state(config)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), async_save=False)
+  meta = ckpt_lib.model_meta(config, state.params)
+  for step in (11, 12):
+    ckpts.save(step, state, meta)
+  ckpts.wait()
+  damaged = os.path.join(ckpts.directory, '12')
+  for root, _, files in os.walk(os.path.join(damaged, 'state')):
+    for name in files:
+      if os.sep + 'd' + os.sep in os.path.join(root, name):
+        os.truncate(os.path.join(root, name), 10)
+  _, step = ckpts.restore_first_intact([12, 11], ckpt_lib.abstract_like(
+      make_state(config, seed=1), sharding_on(jax.devices()[:1])))
+  assert step == 11
+  ckpts.close()
+
+  seen = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  collect = Collect()
+  logging.getLogger().addHandler(collect)
+  try:
+    asyncio_log = logging.getLogger('asyncio')
+    def late_task_error(path):
+      error = ValueError(f'OUT_OF_RANGE: Error reading local file "{path}": Requested byte range')
+      asyncio_log.error('Task exception was never retrieved', exc_info=(ValueError, error, None))
+    late_task_error(os.path.join(damaged, 'state', 'd', 'abc'))
+    late_task_error(os.path.join(ckpts.directory, '1', 'state', 'd', 'abc'))  # not reported
+    late_task_error(os.path.join(ckpts.directory, '121', 'state', 'd', 'abc'))  # nor this
+  finally:
+    logging.getLogger().removeHandler(collect)
+  assert seen == ['Task exception was never retrieved'] * 2
