@@ -1,16 +1,22 @@
 """Kernel gradient of a stride-1 3x3 convolution on CPU: XLA's own against the per-tap matmuls
 of `cen_jax.layers.conv_tap_kernel_grad`, at the shapes of RefineNet-R50 M = 2 batch 2.
 
-  .venv/bin/python benchmarks/conv_grad.py [--shapes 4x64x64x256x256 ...] [--repeats 5]
+  .venv/bin/python benchmarks/conv_grad.py [--shapes 4x64x64x256x256 ...] [--repeats 5] \
+      [--torch_python .venv-torch/bin/python]
 
 Prints, per shape [N, H, W, C_in, C_out], the median milliseconds of the kernel gradient alone
 and of the whole backward pass (input + kernel gradients) in each form, their ratio, and the
-largest relative difference of the two kernel gradients.
+largest relative difference of the two kernel gradients. With --torch_python, a second table
+puts the layer's forward and forward + backward (cen-jax: taps where the step uses them) next
+to PyTorch's (torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the
+same run.
 """
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -48,10 +54,63 @@ def backward(form, part):
   return lambda x, kernel, g: jax.vjp(form, x, kernel)[1](g)
 
 
+TORCH_LAYER = r"""
+import json, os, statistics, sys, time
+import torch
+torch.set_num_threads(os.cpu_count())
+n, h, w, cin, cout, repeats = (int(v) for v in sys.argv[1:])
+x = torch.randn(n, cin, h, w, requires_grad=True)
+kernel = (torch.randn(cout, cin, 3, 3) / (3 * cin ** 0.5)).requires_grad_()
+g = torch.randn(n, cout, h, w)
+def forward():
+  with torch.no_grad():
+    torch.nn.functional.conv2d(x, kernel, padding=1)
+def forward_backward():
+  torch.autograd.grad(torch.nn.functional.conv2d(x, kernel, padding=1), (x, kernel), g)
+out = {}
+for name, fn in (('forward', forward), ('forward_backward', forward_backward)):
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+  out[name] = 1e3 * statistics.median(times)
+print(json.dumps(out))
+"""
+
+
+def torch_layer_ms(torch_python, shape, repeats):
+  """PyTorch's forward and forward + backward milliseconds of one layer (a subprocess)."""
+  proc = subprocess.run([torch_python, '-c', TORCH_LAYER, *map(str, shape), str(repeats)],
+                        capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def layer_table(shapes, repeats, torch_python):
+  """cen-jax's layer (as the train step builds it) against PyTorch's, forward and backward."""
+  print('\n| [N, H, W, C_in, C_out] | forward cen-jax (ms) | forward torch (ms) '
+        '| fwd + bwd cen-jax (ms) | fwd + bwd torch (ms) | fwd + bwd cen-jax vs torch |')
+  print('|---|---|---|---|---|---|')
+  for text in shapes:
+    shape = [int(v) for v in text.split('x')]
+    n, h, w, cin, cout = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) / (3 * cin ** 0.5)
+    g = jax.random.normal(jax.random.key(2), (n, h, w, cout))
+    form = ((lambda x, k: layers.conv_tap_kernel_grad(x, k, 1))
+            if layers.use_tap_kernel_grad(cin) else (lambda x, k: layers.conv(x, k, 1, 1)))
+    forward_ms, _ = median_ms(lambda x, k, g: form(x, k), (x, kernel, g), repeats)
+    both_ms, _ = median_ms(lambda x, k, g: jax.vjp(form, x, k)[1](g), (x, kernel, g), repeats)
+    theirs = torch_layer_ms(torch_python, shape, repeats)
+    print(f'| {text} | {forward_ms:.1f} | {theirs["forward"]:.1f} | {both_ms:.1f} '
+          f'| {theirs["forward_backward"]:.1f} | {theirs["forward_backward"] / both_ms:.2f}x |')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', nargs='*', default=DEFAULT_SHAPES)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--torch_python', default=None,
+                      help='a Python with torch: adds the layer table against PyTorch')
   args = parser.parse_args()
   forms = {'xla': lambda x, k: layers.conv(x, k, 1, 1),
            'taps': lambda x, k: layers.conv_tap_kernel_grad(x, k, 1)}
@@ -74,6 +133,8 @@ def main():
     diff = float(jnp.max(jnp.abs(grads['taps'] - grads['xla'])) / jnp.max(jnp.abs(grads['xla'])))
     print(f'| {text} | {row[0]:.1f} | {row[1]:.1f} | {row[0] / row[1]:.2f}x | {row[2]:.1f} '
           f'| {row[3]:.1f} | {row[2] / row[3]:.2f}x | {diff:.1e} |')
+  if args.torch_python:
+    layer_table(args.shapes, args.repeats, args.torch_python)
 
 
 if __name__ == '__main__':

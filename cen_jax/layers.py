@@ -95,8 +95,9 @@ def use_tap_kernel_grad(in_features: int) -> bool:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_tap_kernel_grad(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
   """`conv(x, kernel, 1, padding)` whose kernel gradient is one matmul per kernel tap:
-  dK[i, j] = sum over n, h, w of x_padded[n, h + i, w + j, :]^T g[n, h, w, :]. The input
-  gradient is XLA's own."""
+  dK[i, j] = sum over n, h, w of x_padded[n, h + i, w + j, :]^T g[n, h, w, :] (with
+  2 C_out <= C_in, the nine taps as one matmul over shifted copies of g). The input gradient
+  is XLA's own."""
   return conv(x, kernel, 1, padding)
 
 
@@ -114,10 +115,25 @@ def _conv_tap_bwd(padding, residuals, g):
   # after the forward pass and keeps every layer's alive until its backward (GiBs).
   x, g = jax.lax.optimization_barrier((x, g))
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  if 2 * cout <= cin:  # narrow outputs (the classifiers): shift g, not x; one matmul
+    return dx, _shifted_cotangent_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
   g2 = g.reshape(-1, cout)
   taps = [jnp.dot(padded[:, i:i + h, j:j + w, :].reshape(-1, cin).T, g2)
           for i in range(kh) for j in range(kw)]
   return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _shifted_cotangent_kernel_grad(padded, g, kh, kw):
+  """dK[i, j] = sum over the padded map of x_padded^T G_ij, G_ij being g placed at offset
+  (i, j) in a zero map of the padded size: the copies are of g (C_out channels) instead of x,
+  and the nine taps are one [C_in, L] x [L, kh kw C_out] matmul."""
+  _, h, w, cout = g.shape
+  hp, wp, cin = padded.shape[1:]
+  shifted = jnp.concatenate([jnp.pad(g, ((0, 0), (i, hp - h - i), (j, wp - w - j), (0, 0)))
+                             for i in range(kh) for j in range(kw)], axis=-1)
+  dk = jax.lax.dot_general(padded.reshape(-1, cin), shifted.reshape(-1, kh * kw * cout),
+                           (((0,), (0,)), ((), ())))
+  return dk.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
 
 
 conv_tap_kernel_grad.defvjp(_conv_tap_fwd, _conv_tap_bwd)

@@ -93,9 +93,9 @@ def numpy_kernel_grad(x, g, k, padding):
 @pytest.mark.parametrize('k,padding,shape', [(3, 1, (2, 7, 5, 6)), (3, 0, (1, 6, 9, 4)),
                                              (5, 2, (3, 4, 4, 2)), (2, 1, (2, 5, 3, 3))])
 @pytest.mark.parametrize('values', ['ints', 'floats'])
-def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values):
+@pytest.mark.parametrize('cout', [5, 1])  # 1: the shifted-cotangent form (2 C_out <= C_in)
+def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values, cout):
   rng = np.random.default_rng(k + padding + shape[0])
-  cout = 5
   kernel_shape = (k, k, shape[-1], cout)
   if values == 'ints':  # exact in float32 whatever the order of the sums
     x, kernel = small_ints(rng, shape, -2, 3), small_ints(rng, kernel_shape, -2, 3)
