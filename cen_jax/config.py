@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.wd_dec = 1e-5
   t.l1_lambda = 2e-4
   t.l1_per_output = True  # official: the L1 term sits in the loop over M + 1 outputs
+  t.clip_grad_norm = 0.0  # > 0: torch's clip_grad_norm_ before the step (official: off)
   add_runner_keys(t)
 
   config.distributed = distributed_config()

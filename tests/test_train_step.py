@@ -136,3 +136,33 @@ def test_test_time_augmentation_averages_flipped_and_scaled_logits():
               + plain(half) + plain(half[..., ::-1, :])[..., ::-1, :]) / 4
   np.testing.assert_allclose(tta, expected, rtol=1e-5, atol=1e-5)
   assert not np.allclose(tta, base, atol=1e-3)  # the augmentation did change something
+
+
+def test_gradient_clipping_scales_by_the_global_norm():
+  """clip_gradients(g, c) = g * min(1, c / (||g|| + 1e-6)), ||g|| over all leaves (torch's
+  clip_grad_norm_), computed by hand here."""
+  rng = np.random.RandomState(0)
+  grads = {'a': rng.randn(3, 4).astype(np.float32), 'b': {'c': rng.randn(5).astype(np.float32)}}
+  norm = np.sqrt(np.sum(grads['a'] ** 2) + np.sum(grads['b']['c'] ** 2))
+  for max_norm, factor in ((0.25 * norm, 0.25 * norm / (norm + 1e-6)), (2.0 * norm, 1.0),
+                           (0.0, 1.0)):
+    got = segmentation.clip_gradients(grads, max_norm)
+    np.testing.assert_allclose(got['a'], grads['a'] * factor, rtol=1e-6)
+    np.testing.assert_allclose(got['b']['c'], grads['b']['c'] * factor, rtol=1e-6)
+
+
+def test_data_parallel_step_with_clipping_equals_single_device():
+  """The norm is taken over the gradients summed across devices: one global norm."""
+  config = tiny_config()
+  config.train.clip_grad_norm = 0.05  # well below the tiny model's gradient norm: it clips
+  batches = [random_batch(config, 8, seed=s) for s in range(2)]
+  single, _ = run_steps(config, jax.devices()[:1], batches)
+  multi, _ = run_steps(config, jax.devices(), batches)
+  assert_trees_close(multi.params, single.params)
+  config.train.clip_grad_norm = 0.0
+  unclipped, _ = run_steps(config, jax.devices()[:1], batches)
+  moved = lambda s: max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                        zip(jax.tree.leaves(s.params), jax.tree.leaves(
+                            train.create_state(config, train.build(config),
+                                               jax.random.key(0)).params)))
+  assert moved(single) < moved(unclipped)

@@ -171,9 +171,21 @@ def apply_train(model, params, batch_stats, x, rng):
   return outputs, new_vars.get('batch_stats', batch_stats)
 
 
+def clip_gradients(grads, max_norm: float):
+  """torch.nn.utils.clip_grad_norm_: scale all gradients by min(1, max_norm / (norm + 1e-6)),
+  norm being their global L2 norm; unchanged for max_norm <= 0. Outside the optax chain, so
+  the optimiser state (and every checkpoint) is the same with and without clipping."""
+  if max_norm <= 0:
+    return grads
+  scale = jnp.minimum(1.0, max_norm / (optax.global_norm(grads) + 1e-6))
+  return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+
 def sgd_update(config, starts, tx, state, grads):
-  """The two SGD groups with this stage's learning rates: (params, opt_state, lr_enc, lr_dec)."""
+  """The two SGD groups with this stage's learning rates: (params, opt_state, lr_enc, lr_dec).
+  `grads` are summed over devices, so clipping (train.clip_grad_norm) sees the global norm."""
   lr_enc, lr_dec = stage_learning_rates(config, starts, state.step)
+  grads = clip_gradients(grads, config.train.clip_grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   lrs = jax.tree.map(lambda g: jnp.where(g == 'enc', -lr_enc, -lr_dec),
                      param_groups(state.params), is_leaf=lambda x: isinstance(x, str))
