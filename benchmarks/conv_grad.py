@@ -47,6 +47,15 @@ def median_ms(fn, args, repeats):
   return 1e3 * statistics.median(times), out
 
 
+def layer_inputs(text):
+  """x [N, H, W, C_in], a 3x3 kernel and the cotangent g of shape 'NxHxWxC_inxC_out'."""
+  n, h, w, cin, cout = (int(v) for v in text.split('x'))
+  x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) / (3 * cin ** 0.5)
+  g = jax.random.normal(jax.random.key(2), (n, h, w, cout))
+  return x, kernel, g
+
+
 def backward(form, part):
   """The kernel gradient alone ('kernel'; XLA drops the unused input gradient) or both."""
   if part == 'kernel':
@@ -91,16 +100,12 @@ def layer_table(shapes, repeats, torch_python):
         '| fwd + bwd cen-jax (ms) | fwd + bwd torch (ms) | fwd + bwd cen-jax vs torch |')
   print('|---|---|---|---|---|---|')
   for text in shapes:
-    shape = [int(v) for v in text.split('x')]
-    n, h, w, cin, cout = shape
-    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) / (3 * cin ** 0.5)
-    g = jax.random.normal(jax.random.key(2), (n, h, w, cout))
+    x, kernel, g = layer_inputs(text)
     form = ((lambda x, k: layers.conv_tap_kernel_grad(x, k, 1))
-            if layers.use_tap_kernel_grad(cin) else (lambda x, k: layers.conv(x, k, 1, 1)))
+            if layers.use_tap_kernel_grad(x.shape[-1]) else (lambda x, k: layers.conv(x, k, 1, 1)))
     forward_ms, _ = median_ms(lambda x, k, g: form(x, k), (x, kernel, g), repeats)
     both_ms, _ = median_ms(lambda x, k, g: jax.vjp(form, x, k)[1](g), (x, kernel, g), repeats)
-    theirs = torch_layer_ms(torch_python, shape, repeats)
+    theirs = torch_layer_ms(torch_python, text.split('x'), repeats)
     print(f'| {text} | {forward_ms:.1f} | {theirs["forward"]:.1f} | {both_ms:.1f} '
           f'| {theirs["forward_backward"]:.1f} | {theirs["forward_backward"] / both_ms:.2f}x |')
 
@@ -119,10 +124,7 @@ def main():
         '| backward XLA (ms) | backward taps (ms) | speed-up | max rel. diff |')
   print('|---|---|---|---|---|---|---|---|')
   for text in args.shapes:
-    n, h, w, cin, cout = (int(v) for v in text.split('x'))
-    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) / (3 * cin ** 0.5)
-    g = jax.random.normal(jax.random.key(2), (n, h, w, cout))
+    x, kernel, g = layer_inputs(text)
     row, grads = [], {}
     for part in ('kernel', 'both'):
       for name, form in forms.items():

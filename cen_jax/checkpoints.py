@@ -182,7 +182,7 @@ class Checkpoints:
           state = self.restore(step, abstract_state, data_iterator=data_iterator)
       except Exception as e:  # whatever the storage layer raises for damaged files
         failures.append((step, failure_reason(e)))
-        _DAMAGED_STEP_NOISE.add(os.path.join(str(self.directory), str(step), ""))
+        _DAMAGED_STEP_NOISE.add(os.path.join(self.directory, str(step), ''))
         print(f'warning: checkpoint step {step} cannot be restored ({failures[-1][1]}); '
               f'trying an older one', file=sys.stderr)
         continue

@@ -9,6 +9,7 @@ The scenes store RGB, depth, the class mask and surface normals
 role HHA plays for NYUDv2); as a task it is predicted from the inputs.
 """
 
+from cen_jax import branches as branches_lib
 from cen_jax import config as config_lib
 from configs import demo
 
@@ -32,7 +33,7 @@ def get_config(scenario='multitask'):
     for key, value in base[section].items():
       if not isinstance(value, type(base)):  # the demo's values; nested blocks stay default
         config[section][key] = value
-  if any(not b.endswith('>semseg') for b in SCENARIOS[scenario]):
+  if any(b.task != 'semseg' for b in branches_lib.parse(SCENARIOS[scenario])):
     # With depth and normals heads, the demo's SGD diverged within 25 steps for two of three
     # seeds (multitask, cen and none alike); a clipped global norm keeps every seed finite.
     config.train.clip_grad_norm = 5.0
