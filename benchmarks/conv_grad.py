@@ -1,15 +1,16 @@
-"""Kernel gradient of a stride-1 3x3 convolution on CPU: XLA's own against the per-tap matmuls
-of `cen_jax.layers.conv_tap_kernel_grad`, at the shapes of RefineNet-R50 M = 2 batch 2.
+"""The CPU forms of a stride-1 3x3 convolution against XLA's own, at the shapes of RefineNet-R50
+M = 2 batch 2: the per-tap kernel gradient (`cen_jax.layers.conv_tap_kernel_grad`) and im2col
+(`cen_jax.layers.conv_im2col`).
 
   .venv/bin/python benchmarks/conv_grad.py [--shapes 4x64x64x256x256 ...] [--repeats 5] \
       [--torch_python .venv-torch/bin/python]
 
 Prints, per shape [N, H, W, C_in, C_out], the median milliseconds of the kernel gradient alone
-and of the whole backward pass (input + kernel gradients) in each form, their ratio, and the
-largest relative difference of the two kernel gradients. With --torch_python, a second table
-puts the layer's forward and forward + backward (cen-jax: taps where the step uses them) next
-to PyTorch's (torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the
-same run.
+and of the whole backward pass (input + kernel gradients) with XLA's and the per-tap kernel
+gradient, their ratio, and the largest relative difference of the two kernel gradients; then
+the forward and forward + backward of XLA's convolution against im2col. With --torch_python, a
+third table puts the layer as the step builds it (`layers.fastest_conv`) next to PyTorch's
+(torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the same run.
 """
 
 import argparse
@@ -32,7 +33,8 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from cen_jax import layers  # pylint: disable=wrong-import-position
 
 DEFAULT_SHAPES = ['4x64x64x256x256', '4x32x32x256x256', '4x16x16x256x256', '4x8x8x512x512',
-                  '4x32x32x128x128', '4x64x64x256x40', '4x64x64x64x64']
+                  '4x32x32x128x128', '4x64x64x256x40', '4x64x64x64x64', '4x8x8x256x256',
+                  '4x4x4x512x512']
 
 
 def median_ms(fn, args, repeats):
@@ -101,13 +103,30 @@ def layer_table(shapes, repeats, torch_python):
   print('|---|---|---|---|---|---|')
   for text in shapes:
     x, kernel, g = layer_inputs(text)
-    form = ((lambda x, k: layers.conv_tap_kernel_grad(x, k, 1))
-            if layers.use_tap_kernel_grad(x.shape[-1]) else (lambda x, k: layers.conv(x, k, 1, 1)))
+    form = lambda x, k: layers.fastest_conv(x, k, 1, 1)
     forward_ms, _ = median_ms(lambda x, k, g: form(x, k), (x, kernel, g), repeats)
     both_ms, _ = median_ms(lambda x, k, g: jax.vjp(form, x, k)[1](g), (x, kernel, g), repeats)
     theirs = torch_layer_ms(torch_python, text.split('x'), repeats)
     print(f'| {text} | {forward_ms:.1f} | {theirs["forward"]:.1f} | {both_ms:.1f} '
           f'| {theirs["forward_backward"]:.1f} | {theirs["forward_backward"] / both_ms:.2f}x |')
+
+
+def im2col_table(shapes, repeats):
+  """XLA's convolution against im2col, forward and forward + backward."""
+  forms = {'xla': lambda x, k: layers.conv(x, k, 1, 1),
+           'im2col': lambda x, k: layers.conv_im2col(x, k, 1, 1)}
+  print('\n| [N, H, W, C_in, C_out] | forward XLA (ms) | forward im2col (ms) | speed-up '
+        '| fwd + bwd XLA (ms) | fwd + bwd im2col (ms) | speed-up | im2col in the step |')
+  print('|---|---|---|---|---|---|---|---|')
+  for text in shapes:
+    x, kernel, g = layer_inputs(text)
+    forward = [median_ms(lambda x, k, g, f=f: f(x, k), (x, kernel, g), repeats)[0]
+               for f in forms.values()]
+    both = [median_ms(lambda x, k, g, f=f: jax.vjp(f, x, k)[1](g), (x, kernel, g), repeats)[0]
+            for f in forms.values()]
+    used = layers.use_im2col(x.shape, 3, 1, 1)
+    print(f'| {text} | {forward[0]:.1f} | {forward[1]:.1f} | {forward[0] / forward[1]:.2f}x '
+          f'| {both[0]:.1f} | {both[1]:.1f} | {both[0] / both[1]:.2f}x | {"yes" if used else "no"} |')
 
 
 def main():
@@ -135,6 +154,7 @@ def main():
     diff = float(jnp.max(jnp.abs(grads['taps'] - grads['xla'])) / jnp.max(jnp.abs(grads['xla'])))
     print(f'| {text} | {row[0]:.1f} | {row[1]:.1f} | {row[0] / row[1]:.2f}x | {row[2]:.1f} '
           f'| {row[3]:.1f} | {row[2] / row[3]:.2f}x | {diff:.1e} |')
+  im2col_table(args.shapes, args.repeats)
   if args.torch_python:
     layer_table(args.shapes, args.repeats, args.torch_python)
 

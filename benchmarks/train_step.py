@@ -14,7 +14,9 @@ outputs + L1, 128x128 and 256x256 batch 2 (train step); ResNet-101 480x640 batch
 eval mode). Compile time (cen-jax: lower + compile) and the first PyTorch step are reported
 apart from the step times; so are the process CPU seconds per step (less sensitive than wall time
 to other jobs on the machine) and each worker process's peak RSS (one process per case).
-`--compare_tree` times a second cen-jax checkout (e.g. one before a change) in the same rotation.
+`--compare_tree` times a second cen-jax checkout (e.g. one before a change) in the same rotation;
+`--compare_xla_flags` runs that second worker (this tree unless `--compare_tree`) with the given
+XLA_FLAGS, to try an XLA:CPU option on the whole step.
 """
 
 import argparse
@@ -147,9 +149,9 @@ def jax_worker():
 # ----------------------------------------------------------------------------- parent
 
 class Worker:
-  def __init__(self, argv):
+  def __init__(self, argv, env=None):
     self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True, cwd=ROOT)
+                                 text=True, cwd=ROOT, env=env)
 
   def ask(self, **msg):
     self.proc.stdin.write(json.dumps(msg) + '\n')
@@ -198,9 +200,14 @@ def measure(case, args):
   """Median seconds of `args.steps` alternated turns of each worker (the last step of each),
   plus set-up figures."""
   workers = {'jax': Worker([args.jax_python, os.path.abspath(__file__), '--worker'])}
-  if args.compare_tree:
-    workers['jax_other'] = Worker([args.jax_python, os.path.join(
-        os.path.abspath(args.compare_tree), 'benchmarks', 'train_step.py'), '--worker'])
+  if args.compare_tree or args.compare_xla_flags:
+    tree = os.path.abspath(args.compare_tree) if args.compare_tree else ROOT
+    env = None
+    if args.compare_xla_flags:
+      env = dict(os.environ, XLA_FLAGS=' '.join(
+          filter(None, [os.environ.get('XLA_FLAGS', ''), args.compare_xla_flags])))
+    workers['jax_other'] = Worker(
+        [args.jax_python, os.path.join(tree, 'benchmarks', 'train_step.py'), '--worker'], env)
   if args.official_repo:
     workers['torch'] = Worker([args.torch_python,
                                os.path.join(ROOT, 'benchmarks', 'official_torch_step.py'),
@@ -230,12 +237,12 @@ def measure(case, args):
                   cpu_s=statistics.median(cpu[k]), peak_rss_mib=memory[k]) for k in workers}
 
 
-def table(results, compare_tree=''):
-  other = (f' | cen-jax at {compare_tree} (s) | speed-up vs it') if compare_tree else ''
+def table(results, compared_to=''):
+  other = (f' | cen-jax {compared_to} (s) | speed-up vs it') if compared_to else ''
   rows = ['| case | official PyTorch (s) | cen-jax (s) | cen-jax speed vs official '
           '| CPU s/step official / cen-jax' + other + ' | cen-jax compile (s) '
           '| official first step (s) | peak RSS official / cen-jax (MiB) | XLA buffers (MiB) |',
-          '|---|---|---|---|---|' + ('---|---|' if compare_tree else '') + '---|---|---|---|']
+          '|---|---|---|---|---|' + ('---|---|' if compared_to else '') + '---|---|---|---|']
   for case, r in results:
     jax_r, torch_r, other_r = r['jax'], r.get('torch'), r.get('jax_other')
     ratio = f"{torch_r['median_s'] / jax_r['median_s']:.2f}x" if torch_r else '-'
@@ -277,6 +284,9 @@ def main():
                       'in training: the first step after the other worker ran is slower)')
   parser.add_argument('--compare_tree', default='',
                       help='another cen-jax checkout (e.g. before a change) timed alongside')
+  parser.add_argument('--compare_xla_flags', default='',
+                      help='XLA_FLAGS added for the second cen-jax worker (this tree unless '
+                      '--compare_tree), e.g. to try an XLA:CPU option')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -292,7 +302,10 @@ def main():
   print(f'cpus: {os.cpu_count()}, load average at the end: '
         f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}; median of {args.steps} alternated '
         f'turns of {args.block} steps (the last timed) after {args.warmup} warm-up')
-  print(table(results, args.compare_tree))
+  compared_to = ' '.join(filter(None, [f'at {args.compare_tree}' if args.compare_tree else '',
+                                       f'with {args.compare_xla_flags}'
+                                       if args.compare_xla_flags else '']))
+  print(table(results, compared_to))
 
 
 if __name__ == '__main__':

@@ -41,8 +41,7 @@ class SharedConv(nn.Module):
   """A 2-D convolution shared by all branches, with PyTorch's explicit symmetric padding.
 
   Parameters are `kernel: [k, k, C_in, C_out]` (HWIO) and optionally `bias: [C_out]`.
-  A 1x1 convolution is computed as a matmul (XLA:CPU runs 1x1 convs far slower than the
-  identical dot; jax_notes.md §7); a stride on it becomes a strided slice first.
+  The convolution runs as `fastest_conv`.
   """
   features: int
   kernel_size: int
@@ -58,19 +57,28 @@ class SharedConv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, in_features, self.features))
     kernel = kernel.astype(self.dtype)
-    y = fold(x).astype(self.dtype)
-    if k == 1 and self.padding == 0:
-      if self.stride > 1:
-        y = y[:, ::self.stride, ::self.stride, :]
-      y = jnp.einsum('nhwc,cd->nhwd', y, kernel[0, 0])
-    elif self.stride == 1 and use_tap_kernel_grad(in_features):
-      y = conv_tap_kernel_grad(y, kernel, self.padding)
-    else:
-      y = conv(y, kernel, self.stride, self.padding)
+    y = fastest_conv(fold(x).astype(self.dtype), kernel, self.stride, self.padding)
     if self.use_bias:
       bias = self.param('bias', torch_conv_bias_init(k * k * in_features), (self.features,))
       y = y + bias.astype(self.dtype)
     return unfold(y, x.shape[0])
+
+
+def fastest_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """`conv`, in the form that is fastest on this backend for its shape (same values): a
+  1x1 as a matmul (XLA:CPU runs 1x1 convs far slower than the identical dot; jax_notes.md §7;
+  a stride becomes a strided slice first), and on CPU, from 128 input channels, im2col on
+  small maps and the per-tap kernel gradient on larger ones."""
+  k, in_features = kernel.shape[0], kernel.shape[2]
+  if k == 1 and padding == 0:
+    if stride > 1:
+      x = x[:, ::stride, ::stride, :]
+    return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0])
+  if use_im2col(x.shape, k, stride, padding):
+    return conv_im2col(x, kernel, stride, padding)
+  if stride == 1 and use_tap_kernel_grad(in_features):
+    return conv_tap_kernel_grad(x, kernel, padding)
+  return conv(x, kernel, stride, padding)
 
 
 def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -137,6 +145,66 @@ def _shifted_cotangent_kernel_grad(padded, g, kh, kw):
 
 
 conv_tap_kernel_grad.defvjp(_conv_tap_fwd, _conv_tap_bwd)
+
+
+# On small maps XLA:CPU's convolutions are slow: at [4, 8, 8, 512] -> 512 its forward takes 10
+# ms and its input gradient 12 ms, against 5 and 4 ms for one matmul over the k x k shifted
+# copies of x (im2col) and its transpose; torch's conv2d takes 4.6 ms. Up to about 1,024 output
+# rows (N H_out W_out) with at least 128 input channels im2col is faster; on larger maps XLA's
+# own (and the tap kernel gradient above) is. benchmarks/conv_grad.py measures both.
+MAX_IM2COL_ROWS = 1024
+MIN_IM2COL_CHANNELS = 128
+
+
+def output_size(size: int, k: int, stride: int, padding: int) -> int:
+  return (size + 2 * padding - k) // stride + 1
+
+
+def use_im2col(x_shape: tuple, k: int, stride: int, padding: int) -> bool:
+  n, h, w, cin = x_shape
+  rows = n * output_size(h, k, stride, padding) * output_size(w, k, stride, padding)
+  return (jax.default_backend() == 'cpu' and k > 1 and cin >= MIN_IM2COL_CHANNELS
+          and rows <= MAX_IM2COL_ROWS)
+
+
+def im2col(x: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
+  """[N, H, W, C] -> [N, H_out, W_out, k k C]: the k x k windows, taps in HWI kernel order."""
+  _, h, w, _ = x.shape
+  ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  return jnp.concatenate(
+      [padded[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+       for i in range(k) for j in range(k)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """`conv(x, kernel, stride, padding)` as one matmul over `im2col(x)`; the backward pass
+  rebuilds the windows from x (only x is kept) and takes both gradients as matmuls."""
+  return _im2col_matmul(x, kernel, stride, padding)
+
+
+def _im2col_matmul(x, kernel, stride, padding):
+  kh, _, cin, cout = kernel.shape
+  return im2col(x, kh, stride, padding) @ kernel.reshape(kh * kh * cin, cout)
+
+
+def _conv_im2col_fwd(x, kernel, stride, padding):
+  return _im2col_matmul(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_im2col_bwd(stride, padding, residuals, g):
+  x, kernel = residuals
+  kh, _, cin, cout = kernel.shape
+  x, g = jax.lax.optimization_barrier((x, g))  # as in _conv_tap_bwd: windows made when needed
+  cols, cols_vjp = jax.vjp(lambda x: im2col(x, kh, stride, padding), x)
+  flat_g = g.reshape(-1, cout)
+  dk = cols.reshape(-1, kh * kh * cin).T @ flat_g
+  (dx,) = cols_vjp((flat_g @ kernel.reshape(-1, cout).T).reshape(cols.shape))
+  return dx, dk.reshape(kernel.shape)
+
+
+conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
 class BatchNorm(nn.Module):

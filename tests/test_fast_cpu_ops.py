@@ -149,3 +149,71 @@ def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
   calls.clear()
   layers.SharedConv(6, 3, 2, 1).init(jax.random.key(0), x)  # strided: XLA's
   assert not calls
+
+
+def numpy_conv(x, kernel, stride, padding):
+  """y[n, h, w, d] = sum over i, j, c of x_padded[n, s h + i, s w + j, c] kernel[i, j, c, d]."""
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  k = kernel.shape[0]
+  ho = (xp.shape[1] - k) // stride + 1
+  wo = (xp.shape[2] - k) // stride + 1
+  return sum(np.einsum('nhwc,cd->nhwd', xp[:, i:i + stride * (ho - 1) + 1:stride,
+                                          j:j + stride * (wo - 1) + 1:stride],
+                       np.asarray(kernel[i, j], np.float64))
+             for i in range(k) for j in range(k))
+
+
+@pytest.mark.parametrize('k,stride,padding,shape', [(3, 1, 1, (2, 7, 5, 6)), (3, 2, 1, (2, 9, 6, 4)),
+                                                    (3, 1, 0, (1, 6, 9, 4)), (5, 2, 2, (3, 7, 8, 2))])
+def test_im2col_conv_equals_xla_and_numpy(k, stride, padding, shape):
+  """Values and both gradients exactly equal XLA's convolution on integer data; the forward
+  equals a numpy loop, and the gradients are XLA's (the reference autodiff of that loop)."""
+  rng = np.random.default_rng(k + stride + shape[0])
+  x, kernel = small_ints(rng, shape, -2, 3), small_ints(rng, (k, k, shape[-1], 5), -2, 3)
+  reference = lambda x, kernel: layers.conv(x, kernel, stride, padding)
+  g = small_ints(rng, jax.eval_shape(reference, x, kernel).shape, -3, 4)
+  y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+  y_new, vjp_new = jax.vjp(lambda x, kernel: layers.conv_im2col(x, kernel, stride, padding),
+                           x, kernel)
+  np.testing.assert_array_equal(y_new, numpy_conv(x, kernel, stride, padding))
+  np.testing.assert_array_equal(y_new, y_ref)
+  for new, ref in zip(vjp_new(g), vjp_ref(g)):
+    np.testing.assert_array_equal(new, ref)
+  np.testing.assert_array_equal(vjp_new(g)[1], numpy_kernel_grad(x, g, k, padding)
+                                if stride == 1 else vjp_ref(g)[1])
+
+
+def test_shared_conv_takes_im2col_on_small_maps_with_many_channels(monkeypatch):
+  """SharedConv uses im2col on CPU for up to MAX_IM2COL_ROWS output rows from
+  MIN_IM2COL_CHANNELS input channels (stride 1 or 2); otherwise XLA's convolution or the tap
+  kernel gradient. The layer's value and gradients are the same either way."""
+  rng = np.random.default_rng(4)
+  x = small_ints(rng, (2, 2, 6, 5, 4))  # [M, N, H, W, C]: 4 images of 6x5, 120 output rows
+  conv = layers.SharedConv(6, 3, 1, 1, use_bias=True)
+  variables = jax.tree.map(lambda v: small_ints(rng, v.shape, -2, 3),
+                           conv.init(jax.random.key(0), x))
+  g = small_ints(rng, (2, 2, 6, 5, 6), -2, 3)
+
+  def grads():
+    y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), variables, x)
+    return y, vjp(g)
+
+  calls = []
+  original = layers.conv_im2col
+  monkeypatch.setattr(layers, 'conv_im2col', lambda *a: calls.append(a[2:]) or original(*a))
+  y_xla, grads_xla = grads()
+  assert not calls  # 4 input channels: XLA's convolution
+  monkeypatch.setattr(layers, 'MIN_IM2COL_CHANNELS', 4)
+  y_new, grads_new = grads()
+  assert calls == [(1, 1)]
+  np.testing.assert_array_equal(y_new, y_xla)
+  jax.tree.map(np.testing.assert_array_equal, grads_new, grads_xla)
+  calls.clear()
+  layers.SharedConv(6, 3, 2, 1).init(jax.random.key(0), x)
+  assert calls == [(2, 1)]
+  calls.clear()
+  monkeypatch.setattr(layers, 'MAX_IM2COL_ROWS', 119)  # one row fewer than the layer has
+  grads()
+  assert not calls
+  layers.SharedConv(6, 1).init(jax.random.key(0), x)  # 1x1: a matmul already
+  assert not calls
