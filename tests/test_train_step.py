@@ -1,6 +1,7 @@
 """Data-parallel train steps equal one single-device step on the global batch."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -166,3 +167,25 @@ def test_data_parallel_step_with_clipping_equals_single_device():
                             train.create_state(config, train.build(config),
                                                jax.random.key(0)).params)))
   assert moved(single) < moved(unclipped)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_all_finite_flags_any_inf_or_nan_and_nothing_else(dtype):
+  """The NaN guard's flag against numpy's isfinite over every element: huge finite values
+  (whose plain sum would overflow) and integer leaves are finite; one NaN, +inf or -inf
+  anywhere in any tree is not."""
+  big = float(jnp.finfo(dtype).max)
+  trees = ({'a': jnp.full((3, 4), big, dtype), 'b': jnp.arange(5, dtype=jnp.int32)},
+           [jnp.asarray(-big, dtype), jnp.ones((2, 2, 2), dtype)])
+  assert bool(train.all_finite(*trees))
+  assert bool(train.all_finite())
+  leaves, treedef = jax.tree.flatten(trees)
+  for i, leaf in enumerate(leaves):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      continue
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+      broken = list(leaves)
+      broken[i] = leaf.reshape(-1).at[-1].set(bad).reshape(leaf.shape)
+      expected = all(np.isfinite(np.asarray(x, np.float64)).all() for x in broken)
+      assert expected is False
+      assert bool(train.all_finite(*jax.tree.unflatten(treedef, broken))) is expected
