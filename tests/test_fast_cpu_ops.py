@@ -121,20 +121,28 @@ def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values, cout):
     np.testing.assert_allclose(dk_ref, dk_numpy, rtol=1e-5, atol=1e-5)
 
 
-def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
-  """SharedConv takes the per-tap kernel gradient on CPU from MIN_TAP_GRAD_CHANNELS input
-  channels, for stride 1 only; the layer's value and gradients equal XLA's form."""
-  rng = np.random.default_rng(3)
-  x = small_ints(rng, (2, 2, 6, 5, 4))  # [M, N, H, W, C]
+def shared_conv_case(seed):
+  """x [M, N, H, W, C] = [2, 2, 6, 5, 4] (4 images, 120 output rows) and a function giving a
+  SharedConv(6, 3, padding 1, bias)'s value and gradients on it, with small-integer weights and
+  cotangent; the form is chosen when the function is called."""
+  rng = np.random.default_rng(seed)
+  x = small_ints(rng, (2, 2, 6, 5, 4))
   conv = layers.SharedConv(6, 3, 1, 1, use_bias=True)
-  variables = conv.init(jax.random.key(0), x)
-  variables = jax.tree.map(lambda v: small_ints(rng, v.shape, -2, 3), variables)
+  variables = jax.tree.map(lambda v: small_ints(rng, v.shape, -2, 3),
+                           conv.init(jax.random.key(0), x))
   g = small_ints(rng, (2, 2, 6, 5, 6), -2, 3)
 
   def grads():
     y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), variables, x)
     return y, vjp(g)
 
+  return x, grads
+
+
+def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
+  """SharedConv takes the per-tap kernel gradient on CPU from MIN_TAP_GRAD_CHANNELS input
+  channels, for stride 1 only; the layer's value and gradients equal XLA's form."""
+  x, grads = shared_conv_case(seed=3)
   calls = []
   original = layers.conv_tap_kernel_grad
   monkeypatch.setattr(layers, 'conv_tap_kernel_grad',
@@ -187,17 +195,7 @@ def test_shared_conv_takes_im2col_on_small_maps_with_many_channels(monkeypatch):
   """SharedConv uses im2col on CPU for up to MAX_IM2COL_ROWS output rows from
   MIN_IM2COL_CHANNELS input channels (stride 1 or 2); otherwise XLA's convolution or the tap
   kernel gradient. The layer's value and gradients are the same either way."""
-  rng = np.random.default_rng(4)
-  x = small_ints(rng, (2, 2, 6, 5, 4))  # [M, N, H, W, C]: 4 images of 6x5, 120 output rows
-  conv = layers.SharedConv(6, 3, 1, 1, use_bias=True)
-  variables = jax.tree.map(lambda v: small_ints(rng, v.shape, -2, 3),
-                           conv.init(jax.random.key(0), x))
-  g = small_ints(rng, (2, 2, 6, 5, 6), -2, 3)
-
-  def grads():
-    y, vjp = jax.vjp(lambda v, x: conv.apply(v, x), variables, x)
-    return y, vjp(g)
-
+  x, grads = shared_conv_case(seed=4)
   calls = []
   original = layers.conv_im2col
   monkeypatch.setattr(layers, 'conv_im2col', lambda *a: calls.append(a[2:]) or original(*a))
