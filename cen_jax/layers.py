@@ -343,7 +343,7 @@ def _shifted_windows(x: jax.Array, axis: int, window: int, padding: int) -> list
   pads = [(0, 0)] * x.ndim
   pads[axis] = (padding, padding)
   padded = jnp.pad(x, pads, constant_values=-jnp.inf)
-  size = x.shape[axis] + 2 * padding - window + 1
+  size = output_size(x.shape[axis], window, 1, padding)
   return [jax.lax.slice_in_dim(padded, d, d + size, axis=axis) for d in range(window)]
 
 
