@@ -125,16 +125,27 @@ def _conv_tap_bwd(padding, residuals, g):
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   if 2 * cout <= cin:  # narrow outputs (the classifiers): shift g, not x; one matmul
     return dx, _shifted_cotangent_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
-  g2 = g.reshape(-1, cout)
-  taps = [jnp.dot(padded[:, i:i + h, j:j + w, :].reshape(-1, cin).T, g2)
+  g_t = channels_first(g)
+  taps = [g_t @ padded[:, i:i + h, j:j + w, :].reshape(-1, cin)
           for i in range(kh) for j in range(kw)]
-  return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  dk = jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+  return dx, dk.astype(kernel.dtype)
+
+
+def channels_first(a: jax.Array) -> jax.Array:
+  """[N, H, W, C] -> [C, N H W], transposed in memory. A matmul that sums over the pixels of
+  two channels-last maps has its left operand transposed, and XLA:CPU runs that form (Eigen)
+  at about 140 GFLOP/s against 220 for the plain [M, K] x [K, N] form (a YNNPACK fusion);
+  transposing one operand once is cheaper. The 4-d transpose before the reshape keeps XLA
+  from folding it back into the dot."""
+  return jnp.transpose(a, (3, 0, 1, 2)).reshape(a.shape[-1], -1)
 
 
 def _shifted_cotangent_kernel_grad(padded, g, kh, kw):
   """dK[i, j] = sum over the padded map of x_padded^T G_ij, G_ij being g placed at offset
   (i, j) in a zero map of the padded size: the copies are of g (C_out channels) instead of x,
-  and the nine taps are one [C_in, L] x [L, kh kw C_out] matmul."""
+  and the nine taps are one [C_in, L] x [L, kh kw C_out] matmul. (Here transposing the shifted
+  copies for the plain form, as the nine-matmul form does with g, was 3-10% slower.)"""
   _, h, w, cout = g.shape
   hp, wp, cin = padded.shape[1:]
   shifted = jnp.concatenate([jnp.pad(g, ((0, 0), (i, hp - h - i), (j, wp - w - j), (0, 0)))
