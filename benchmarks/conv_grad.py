@@ -10,7 +10,8 @@ and of the whole backward pass (input + kernel gradients) with XLA's and the per
 gradient, their ratio, and the largest relative difference of the two kernel gradients; then
 the forward and forward + backward of XLA's convolution against im2col. With --torch_python, a
 third table puts the layer as the step builds it (`layers.fastest_conv`) next to PyTorch's
-(torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the same run.
+(torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the same run: the
+forward pass, each gradient alone, and the forward pass with both gradients.
 """
 
 import argparse
@@ -68,9 +69,12 @@ def forward_backward(form):
 
 
 def backward(form, part):
-  """The kernel gradient alone ('kernel'; XLA drops the unused input gradient) or both."""
+  """The kernel gradient alone ('kernel'), the input gradient alone ('input'; XLA drops the
+  unused one) or both ('both')."""
   if part == 'kernel':
     return lambda x, kernel, g: jax.vjp(form, x, kernel)[1](g)[1]
+  if part == 'input':
+    return lambda x, kernel, g: jax.vjp(form, x, kernel)[1](g)[0]
   return lambda x, kernel, g: jax.vjp(form, x, kernel)[1](g)
 
 
@@ -87,8 +91,13 @@ def forward():
     torch.nn.functional.conv2d(x, kernel, padding=1)
 def forward_backward():
   torch.autograd.grad(torch.nn.functional.conv2d(x, kernel, padding=1), (x, kernel), g)
+def gradient(mask):  # one gradient alone, as autograd computes it (oneDNN's backward kernels)
+  return lambda: torch.ops.aten.convolution_backward(
+      g, x.detach(), kernel.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
 out = {}
-for name, fn in (('forward', forward), ('forward_backward', forward_backward)):
+for name, fn in (('forward', forward), ('input', gradient([True, False, False])),
+                 ('kernel', gradient([False, True, False])),
+                 ('forward_backward', forward_backward)):
   fn()
   times = []
   for _ in range(repeats):
@@ -99,7 +108,8 @@ print(json.dumps(out))
 
 
 def torch_layer_ms(torch_python, shape, repeats):
-  """PyTorch's forward and forward + backward milliseconds of one layer (a subprocess)."""
+  """PyTorch's milliseconds of one layer (a subprocess): forward, each gradient alone, and
+  forward + backward."""
   proc = subprocess.run([torch_python, '-c', TORCH_LAYER, *map(str, shape), str(repeats)],
                         capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -107,17 +117,21 @@ def torch_layer_ms(torch_python, shape, repeats):
 
 def layer_table(shapes, repeats, torch_python):
   """cen-jax's layer (as the train step builds it) against PyTorch's, forward and backward."""
-  print('\n| [N, H, W, C_in, C_out] | forward cen-jax (ms) | forward torch (ms) '
-        '| fwd + bwd cen-jax (ms) | fwd + bwd torch (ms) | fwd + bwd cen-jax vs torch |')
+  print('\n| [N, H, W, C_in, C_out] | forward cen-jax / torch (ms) | input grad cen-jax / torch '
+        '(ms) | kernel grad cen-jax / torch (ms) | fwd + bwd cen-jax / torch (ms) '
+        '| fwd + bwd cen-jax vs torch |')
   print('|---|---|---|---|---|---|')
   for text in shapes:
     x, kernel, g = layer_inputs(text)
     form = lambda x, k: layers.fastest_conv(x, k, 1, 1)
-    forward_ms, _ = median_ms(lambda x, k, g: form(x, k), (x, kernel, g), repeats)
-    both_ms, _ = median_ms(forward_backward(form), (x, kernel, g), repeats)
+    ours = {'forward': median_ms(lambda x, k, g: form(x, k), (x, kernel, g), repeats)[0],
+            'forward_backward': median_ms(forward_backward(form), (x, kernel, g), repeats)[0]}
+    for part in ('input', 'kernel'):
+      ours[part] = median_ms(backward(form, part), (x, kernel, g), repeats)[0]
     theirs = torch_layer_ms(torch_python, text.split('x'), repeats)
-    print(f'| {text} | {forward_ms:.1f} | {theirs["forward"]:.1f} | {both_ms:.1f} '
-          f'| {theirs["forward_backward"]:.1f} | {theirs["forward_backward"] / both_ms:.2f}x |')
+    cells = ' | '.join(f'{ours[k]:.1f} / {theirs[k]:.1f}'
+                       for k in ('forward', 'input', 'kernel', 'forward_backward'))
+    print(f'| {text} | {cells} | {theirs["forward_backward"] / ours["forward_backward"]:.2f}x |')
 
 
 def im2col_table(shapes, repeats):
