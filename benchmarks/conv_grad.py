@@ -8,8 +8,9 @@ M = 2 batch 2: the per-tap kernel gradient (`cen_jax.layers.conv_tap_kernel_grad
 Prints, per shape [N, H, W, C_in, C_out], the median milliseconds of the kernel gradient alone
 and of the whole backward pass (input + kernel gradients) with XLA's and the per-tap kernel
 gradient, their ratio, and the largest relative difference of the two kernel gradients; then
-the forward and forward + backward of XLA's convolution against im2col. With --torch_python, a
-third table puts the layer as the step builds it (`layers.fastest_conv`) next to PyTorch's
+the two matmul forms of the per-tap kernel gradient (x_tap^T g against g^T x_tap); then the
+forward and forward + backward of XLA's convolution against im2col. With --torch_python, a
+last table puts the layer as the step builds it (`layers.fastest_conv`) next to PyTorch's
 (torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the same run: the
 forward pass, each gradient alone, and the forward pass with both gradients.
 """
@@ -151,6 +152,31 @@ def im2col_table(shapes, repeats):
           f'| {both[0]:.1f} | {both[1]:.1f} | {both[0] / both[1]:.2f}x | {"yes" if used else "no"} |')
 
 
+def tap_kernel_grad(x, g, plain):
+  """The nine-matmul kernel gradient of a 3x3 padding-1 conv in the transposed-left form
+  (x_tap^T g, what XLA:CPU runs in Eigen) or the plain one (g^T x_tap with g transposed once,
+  a YNNPACK fusion: what `layers.conv_tap_kernel_grad` uses)."""
+  _, h, w, cin = x.shape
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = [padded[:, i:i + h, j:j + w, :].reshape(-1, cin) for i in range(3) for j in range(3)]
+  if plain:
+    g_t = layers.channels_first(g)
+    return jnp.stack([g_t @ tap for tap in windows]).transpose(0, 2, 1)
+  flat_g = g.reshape(-1, g.shape[-1])
+  return jnp.stack([tap.T @ flat_g for tap in windows])
+
+
+def tap_forms_table(shapes, repeats):
+  """The per-tap kernel gradient in the transposed-left form against the plain form."""
+  print('\n| [N, H, W, C_in, C_out] | x_tap^T g (ms) | g^T x_tap (ms) | speed-up |')
+  print('|---|---|---|---|')
+  for text in shapes:
+    x, _, g = layer_inputs(text)
+    ms = [median_ms(lambda x, g, plain=plain: tap_kernel_grad(x, g, plain), (x, g), repeats)[0]
+          for plain in (False, True)]
+    print(f'| {text} | {ms[0]:.1f} | {ms[1]:.1f} | {ms[0] / ms[1]:.2f}x |')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', nargs='*', default=DEFAULT_SHAPES)
@@ -176,6 +202,7 @@ def main():
     diff = float(jnp.max(jnp.abs(grads['taps'] - grads['xla'])) / jnp.max(jnp.abs(grads['xla'])))
     print(f'| {text} | {row[0]:.1f} | {row[1]:.1f} | {row[0] / row[1]:.2f}x | {row[2]:.1f} '
           f'| {row[3]:.1f} | {row[2] / row[3]:.2f}x | {diff:.1e} |')
+  tap_forms_table(args.shapes, args.repeats)
   im2col_table(args.shapes, args.repeats)
   if args.torch_python:
     layer_table(args.shapes, args.repeats, args.torch_python)
