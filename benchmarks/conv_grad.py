@@ -153,17 +153,17 @@ def im2col_table(shapes, repeats):
 
 
 def tap_kernel_grad(x, g, plain):
-  """The nine-matmul kernel gradient of a 3x3 padding-1 conv in the transposed-left form
-  (x_tap^T g, what XLA:CPU runs in Eigen) or the plain one (g^T x_tap with g transposed once,
-  a YNNPACK fusion: what `layers.conv_tap_kernel_grad` uses)."""
-  _, h, w, cin = x.shape
+  """The nine-matmul kernel gradient of a 3x3 padding-1 conv, [3, 3, C_in, C_out]: the plain
+  form that `layers.conv_tap_kernel_grad` uses (g^T x_tap, a YNNPACK fusion), or the
+  transposed-left form it replaced (x_tap^T g, which XLA:CPU runs in Eigen)."""
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  windows = [padded[:, i:i + h, j:j + w, :].reshape(-1, cin) for i in range(3) for j in range(3)]
   if plain:
-    g_t = layers.channels_first(g)
-    return jnp.stack([g_t @ tap for tap in windows]).transpose(0, 2, 1)
+    return layers.per_tap_kernel_grad(padded, g, 3, 3)
+  _, h, w, cin = x.shape
   flat_g = g.reshape(-1, g.shape[-1])
-  return jnp.stack([tap.T @ flat_g for tap in windows])
+  taps = [padded[:, i:i + h, j:j + w, :].reshape(-1, cin).T @ flat_g
+          for i in range(3) for j in range(3)]
+  return jnp.stack(taps).reshape(3, 3, cin, -1)
 
 
 def tap_forms_table(shapes, repeats):

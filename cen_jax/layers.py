@@ -118,18 +118,24 @@ def _conv_tap_bwd(padding, residuals, g):
   _, input_vjp = jax.vjp(lambda x: conv(x, kernel, 1, padding), x)
   (dx,) = input_vjp(g)
   kh, kw, cin, cout = kernel.shape
-  _, h, w, _ = g.shape
   # The barrier ties the tap copies of x to g: without it XLA's scheduler makes them right
   # after the forward pass and keeps every layer's alive until its backward (GiBs).
   x, g = jax.lax.optimization_barrier((x, g))
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   if 2 * cout <= cin:  # narrow outputs (the classifiers): shift g, not x; one matmul
     return dx, _shifted_cotangent_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
+  return dx, per_tap_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
+
+
+def per_tap_kernel_grad(padded, g, kh, kw):
+  """dK[i, j] = (g^T x_ij)^T, x_ij the window of the padded x at offset (i, j): nine plain
+  matmuls over g transposed once (`channels_first`). [kh, kw, C_in, C_out]."""
+  _, h, w, cout = g.shape
+  cin = padded.shape[-1]
   g_t = channels_first(g)
   taps = [g_t @ padded[:, i:i + h, j:j + w, :].reshape(-1, cin)
           for i in range(kh) for j in range(kw)]
-  dk = jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
-  return dx, dk.astype(kernel.dtype)
+  return jnp.stack(taps).reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
 
 
 def channels_first(a: jax.Array) -> jax.Array:
