@@ -1,14 +1,15 @@
 """The CPU forms of a stride-1 3x3 convolution against XLA's own, at the shapes of RefineNet-R50
-M = 2 batch 2: the per-tap kernel gradient (`cen_jax.layers.conv_tap_kernel_grad`) and im2col
+M = 2 batch 2: the kernel gradient by matmuls (`cen_jax.layers.conv_matmul_kernel_grad`: per
+tap, shifted cotangent or Winograd, cen_jax/winograd.py) and im2col
 (`cen_jax.layers.conv_im2col`).
 
   .venv/bin/python benchmarks/conv_grad.py [--shapes 4x64x64x256x256 ...] [--repeats 5] \
       [--torch_python .venv-torch/bin/python]
 
 Prints, per shape [N, H, W, C_in, C_out], the median milliseconds of the kernel gradient alone
-and of the whole backward pass (input + kernel gradients) with XLA's and the per-tap kernel
+and of the whole backward pass (input + kernel gradients) with XLA's and the matmul kernel
 gradient, their ratio, and the largest relative difference of the two kernel gradients; then
-the two matmul forms of the per-tap kernel gradient (x_tap^T g against g^T x_tap); then the
+every matmul form of the kernel gradient alone and the one the step takes; then the
 forward and forward + backward of XLA's convolution against im2col. With --torch_python, a
 last table puts the layer as the step builds it (`layers.fastest_conv`) next to PyTorch's
 (torch.nn.functional.conv2d, NCHW, as many threads as CPUs), measured in the same run: the
@@ -33,6 +34,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from cen_jax import layers  # pylint: disable=wrong-import-position
+from cen_jax import winograd  # pylint: disable=wrong-import-position
 
 DEFAULT_SHAPES = ['4x64x64x256x256', '4x32x32x256x256', '4x16x16x256x256', '4x8x8x512x512',
                   '4x32x32x128x128', '4x64x64x256x40', '4x64x64x64x64', '4x8x8x256x256',
@@ -152,29 +154,38 @@ def im2col_table(shapes, repeats):
           f'| {both[0]:.1f} | {both[1]:.1f} | {both[0] / both[1]:.2f}x | {"yes" if used else "no"} |')
 
 
-def tap_kernel_grad(x, g, plain):
-  """The nine-matmul kernel gradient of a 3x3 padding-1 conv, [3, 3, C_in, C_out]: the plain
-  form that `layers.conv_tap_kernel_grad` uses (g^T x_tap, a YNNPACK fusion), or the
-  transposed-left form it replaced (x_tap^T g, which XLA:CPU runs in Eigen)."""
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  if plain:
-    return layers.per_tap_kernel_grad(padded, g, 3, 3)
-  _, h, w, cin = x.shape
-  flat_g = g.reshape(-1, g.shape[-1])
-  taps = [padded[:, i:i + h, j:j + w, :].reshape(-1, cin).T @ flat_g
-          for i in range(3) for j in range(3)]
-  return jnp.stack(taps).reshape(3, 3, cin, -1)
+KERNEL_GRAD_FORMS = {
+    'per tap': lambda padded, x, g: layers.per_tap_kernel_grad(padded, g, 3, 3),
+    'shifted cotangent': lambda padded, x, g: layers._shifted_cotangent_kernel_grad(  # pylint: disable=protected-access
+        padded, g, 3, 3),
+    'Winograd': lambda padded, x, g: winograd.kernel_grad_3x3(x, g, 1),
+}
 
 
-def tap_forms_table(shapes, repeats):
-  """The per-tap kernel gradient in the transposed-left form against the plain form."""
-  print('\n| [N, H, W, C_in, C_out] | x_tap^T g (ms) | g^T x_tap (ms) | speed-up |')
-  print('|---|---|---|---|')
+def kernel_grad_forms_table(shapes, repeats):
+  """Every matmul form of the kernel gradient of a 3x3 padding-1 conv on every shape, against
+  XLA's, and the one `layers.conv_matmul_kernel_grad` takes ('-': XLA's own is used)."""
+  print('\n| [N, H, W, C_in, C_out] | XLA (ms) | ' + ' | '.join(f'{name} (ms)' for name in
+                                                              KERNEL_GRAD_FORMS)
+        + ' | taken in the step |')
+  print('|---' * (len(KERNEL_GRAD_FORMS) + 3) + '|')
   for text in shapes:
-    x, _, g = layer_inputs(text)
-    ms = [median_ms(lambda x, g, plain=plain: tap_kernel_grad(x, g, plain), (x, g), repeats)[0]
-          for plain in (False, True)]
-    print(f'| {text} | {ms[0]:.1f} | {ms[1]:.1f} | {ms[0] / ms[1]:.2f}x |')
+    x, kernel, g = layer_inputs(text)
+    cin, cout = kernel.shape[2:]
+    cells = [median_ms(backward(lambda x, k: layers.conv(x, k, 1, 1), 'kernel'), (x, kernel, g),
+                       repeats)[0]]
+    for form in KERNEL_GRAD_FORMS.values():
+      run = lambda x, g, form=form: form(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), x, g)
+      cells.append(median_ms(run, (x, g), repeats)[0])
+    if layers.use_im2col(x.shape, 3, 1, 1):
+      taken = 'im2col'
+    elif not layers.use_matmul_kernel_grad(cin):
+      taken = '-'
+    elif layers.use_winograd_kernel_grad(3, cin, cout):
+      taken = 'Winograd'
+    else:
+      taken = 'shifted cotangent' if 2 * cout <= cin else 'per tap'
+    print(f'| {text} | ' + ' | '.join(f'{ms:.1f}' for ms in cells) + f' | {taken} |')
 
 
 def main():
@@ -185,10 +196,10 @@ def main():
                       help='a Python with torch: adds the layer table against PyTorch')
   args = parser.parse_args()
   forms = {'xla': lambda x, k: layers.conv(x, k, 1, 1),
-           'taps': lambda x, k: layers.conv_tap_kernel_grad(x, k, 1)}
+           'matmul': lambda x, k: layers.conv_matmul_kernel_grad(x, k, 1)}
   print(f'jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cpus')
-  print('| [N, H, W, C_in, C_out] | kernel grad XLA (ms) | kernel grad taps (ms) | speed-up '
-        '| backward XLA (ms) | backward taps (ms) | speed-up | max rel. diff |')
+  print('| [N, H, W, C_in, C_out] | kernel grad XLA (ms) | kernel grad matmul (ms) | speed-up '
+        '| backward XLA (ms) | backward matmul (ms) | speed-up | max rel. diff |')
   print('|---|---|---|---|---|---|---|---|')
   for text in args.shapes:
     x, kernel, g = layer_inputs(text)
@@ -199,10 +210,10 @@ def main():
         row.append(ms)
         if part == 'kernel':
           grads[name] = out
-    diff = float(jnp.max(jnp.abs(grads['taps'] - grads['xla'])) / jnp.max(jnp.abs(grads['xla'])))
+    diff = float(jnp.max(jnp.abs(grads['matmul'] - grads['xla'])) / jnp.max(jnp.abs(grads['xla'])))
     print(f'| {text} | {row[0]:.1f} | {row[1]:.1f} | {row[0] / row[1]:.2f}x | {row[2]:.1f} '
           f'| {row[3]:.1f} | {row[2] / row[3]:.2f}x | {diff:.1e} |')
-  tap_forms_table(args.shapes, args.repeats)
+  kernel_grad_forms_table(args.shapes, args.repeats)
   im2col_table(args.shapes, args.repeats)
   if args.torch_python:
     layer_table(args.shapes, args.repeats, args.torch_python)

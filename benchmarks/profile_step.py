@@ -64,7 +64,7 @@ def kind_of(name, computations, instructions):
         return 'convolution: kernel gradient'
       return 'convolution: forward / input gradient'
   if 'dot' in opcodes:
-    return 'matmul (1x1 convs, tap kernel gradients, heads)'
+    return 'matmul (1x1 convs, kernel gradients, heads)'
   if 'transpose' in opcodes or 'reverse' in opcodes:
     return 'transpose / reverse copies'
   if opcodes & {'reduce-window', 'select-and-scatter'}:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cen_jax import winograd
+
 Dtype = Any
 
 
@@ -67,8 +69,8 @@ class SharedConv(nn.Module):
 def fastest_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """`conv`, in the form that is fastest on this backend for its shape (same values): a
   1x1 as a matmul (XLA:CPU runs 1x1 convs far slower than the identical dot; jax_notes.md §7;
-  a stride becomes a strided slice first), and on CPU, from 128 input channels, im2col on
-  small maps and the per-tap kernel gradient on larger ones."""
+  a stride becomes a strided slice first), and on CPU im2col on small maps with many channels
+  and a kernel gradient by matmuls on larger ones."""
   k, in_features = kernel.shape[0], kernel.shape[2]
   if k == 1 and padding == 0:
     if stride > 1:
@@ -76,8 +78,8 @@ def fastest_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> 
     return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0])
   if use_im2col(x.shape, k, stride, padding):
     return conv_im2col(x, kernel, stride, padding)
-  if stride == 1 and use_tap_kernel_grad(in_features):
-    return conv_tap_kernel_grad(x, kernel, padding)
+  if stride == 1 and use_matmul_kernel_grad(in_features):
+    return conv_matmul_kernel_grad(x, kernel, padding)
   return conv(x, kernel, stride, padding)
 
 
@@ -89,38 +91,52 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 
 
 # XLA:CPU computes a convolution's kernel gradient as a convolution whose window is the whole
-# feature map, at a fifth to a third of the forward convolution's FLOP rate. The per-tap
-# matmuls of `conv_tap_kernel_grad` are 1.3-4x faster from 128 input channels on (the larger
-# the map, the more; the 256 -> 40 classifier too, as it saves XLA's transposes of the map);
-# below that XLA's own is faster. benchmarks/conv_grad.py measures both.
-MIN_TAP_GRAD_CHANNELS = 128
+# feature map, at a fifth to a third of the forward convolution's FLOP rate.
+# `conv_matmul_kernel_grad` computes it as matmuls instead, in one of three forms:
+# - a 3x3 kernel with C_out > C_in / 2: Winograd's F(2x2, 3x3) (cen_jax/winograd.py), 16
+#   matmuls over 2x2 output tiles; at [4, 64, 64, 256] -> 256 1.4x faster than the per-tap
+#   form, 4.2x faster than XLA's;
+# - narrow outputs (2 C_out <= C_in, the 256 -> 40 classifier): one matmul over shifted copies
+#   of the cotangent;
+# - otherwise one matmul per kernel tap.
+# It is taken from 128 input channels on (the larger the map, the more it gains); below that
+# XLA's own is about as fast (Winograd gains 10 ms at [4, 64, 64, 64] -> 64 and loses on
+# 16x16 maps). benchmarks/conv_grad.py measures them all.
+MIN_MATMUL_GRAD_CHANNELS = 128
 
 
-def use_tap_kernel_grad(in_features: int) -> bool:
-  return jax.default_backend() == 'cpu' and in_features >= MIN_TAP_GRAD_CHANNELS
+def use_matmul_kernel_grad(in_features: int) -> bool:
+  """Whether `fastest_conv` takes `conv_matmul_kernel_grad`."""
+  return jax.default_backend() == 'cpu' and in_features >= MIN_MATMUL_GRAD_CHANNELS
+
+
+def use_winograd_kernel_grad(k: int, in_features: int, out_features: int) -> bool:
+  """Which form `conv_matmul_kernel_grad` takes: Winograd's for 3x3 kernels with wide
+  outputs."""
+  return k == 3 and 2 * out_features > in_features
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_tap_kernel_grad(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  """`conv(x, kernel, 1, padding)` whose kernel gradient is one matmul per kernel tap:
-  dK[i, j] = sum over n, h, w of x_padded[n, h + i, w + j, :]^T g[n, h, w, :] (with
-  2 C_out <= C_in, the nine taps as one matmul over shifted copies of g). The input gradient
-  is XLA's own."""
+def conv_matmul_kernel_grad(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """`conv(x, kernel, 1, padding)` whose kernel gradient is computed by matmuls (above). The
+  input gradient is XLA's own."""
   return conv(x, kernel, 1, padding)
 
 
-def _conv_tap_fwd(x, kernel, padding):
+def _conv_matmul_fwd(x, kernel, padding):
   return conv(x, kernel, 1, padding), (x, kernel)
 
 
-def _conv_tap_bwd(padding, residuals, g):
+def _conv_matmul_bwd(padding, residuals, g):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: conv(x, kernel, 1, padding), x)
   (dx,) = input_vjp(g)
   kh, kw, cin, cout = kernel.shape
-  # The barrier ties the tap copies of x to g: without it XLA's scheduler makes them right
-  # after the forward pass and keeps every layer's alive until its backward (GiBs).
+  # The barrier ties the copies of x to g: without it XLA's scheduler makes them right after
+  # the forward pass and keeps every layer's alive until its backward (GiBs).
   x, g = jax.lax.optimization_barrier((x, g))
+  if kh == kw and use_winograd_kernel_grad(kh, cin, cout):  # 3x3, wide outputs
+    return dx, winograd.kernel_grad_3x3(x, g, padding).astype(kernel.dtype)
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   if 2 * cout <= cin:  # narrow outputs (the classifiers): shift g, not x; one matmul
     return dx, _shifted_cotangent_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
@@ -161,14 +177,14 @@ def _shifted_cotangent_kernel_grad(padded, g, kh, kw):
   return dk.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
 
 
-conv_tap_kernel_grad.defvjp(_conv_tap_fwd, _conv_tap_bwd)
+conv_matmul_kernel_grad.defvjp(_conv_matmul_fwd, _conv_matmul_bwd)
 
 
 # On small maps XLA:CPU's convolutions are slow: at [4, 8, 8, 512] -> 512 its forward takes 10
 # ms and its input gradient 12 ms, against 5 and 4 ms for one matmul over the k x k shifted
 # copies of x (im2col) and its transpose; torch's conv2d takes 4.6 ms. Up to about 1,024 output
 # rows (N H_out W_out) with at least 128 input channels im2col is faster; on larger maps XLA's
-# own (and the tap kernel gradient above) is. benchmarks/conv_grad.py measures both.
+# own (and the matmul kernel gradient above) is. benchmarks/conv_grad.py measures both.
 MAX_IM2COL_ROWS = 1024
 MIN_IM2COL_CHANNELS = 128
 
@@ -213,7 +229,7 @@ def _conv_im2col_fwd(x, kernel, stride, padding):
 def _conv_im2col_bwd(stride, padding, residuals, g):
   x, kernel = residuals
   kh, _, cin, cout = kernel.shape
-  x, g = jax.lax.optimization_barrier((x, g))  # as in _conv_tap_bwd: windows made when needed
+  x, g = jax.lax.optimization_barrier((x, g))  # as in _conv_matmul_bwd: windows made when needed
   cols, cols_vjp = jax.vjp(lambda x: im2col(x, kh, stride, padding), x)
   flat_g = g.reshape(-1, cout)
   dk = cols.reshape(-1, kh * kh * cin).T @ flat_g

@@ -1,6 +1,6 @@
 """The CPU formulations (cen_jax/layers.py) equal XLA's reference ops in values and gradients:
-max-pool against reduce_window (ties included), the per-tap kernel gradient of a convolution
-against XLA's convolution gradient and a numpy loop.
+max-pool against reduce_window (ties included), the matmul kernel gradients of a convolution
+(per tap, shifted cotangent, Winograd) against XLA's convolution gradient and a numpy loop.
 
 Integer-valued inputs and cotangents keep every sum exact in float32, so those cases compare
 exactly whatever the summation order; random floats compare to a tolerance.
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cen_jax import layers
+from cen_jax import winograd
 
 
 def reference_max_pool(x, window, stride, padding):
@@ -93,8 +94,8 @@ def numpy_kernel_grad(x, g, k, padding):
 @pytest.mark.parametrize('k,padding,shape', [(3, 1, (2, 7, 5, 6)), (3, 0, (1, 6, 9, 4)),
                                              (5, 2, (3, 4, 4, 2)), (2, 1, (2, 5, 3, 3))])
 @pytest.mark.parametrize('values', ['ints', 'floats'])
-@pytest.mark.parametrize('cout', [5, 1])  # 1: the shifted-cotangent form (2 C_out <= C_in)
-def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values, cout):
+@pytest.mark.parametrize('cout', [5, 1])  # 5: Winograd (3x3) or per tap; 1: shifted cotangent
+def test_matmul_kernel_grad_equals_xla_and_numpy(k, padding, shape, values, cout):
   rng = np.random.default_rng(k + padding + shape[0])
   kernel_shape = (k, k, shape[-1], cout)
   if values == 'ints':  # exact in float32 whatever the order of the sums
@@ -107,7 +108,7 @@ def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values, cout):
   g = small_ints(rng, g_shape, -3, 4) if values == 'ints' else jnp.asarray(
       rng.standard_normal(g_shape).astype(np.float32))
   y_ref, vjp_ref = jax.vjp(reference, x, kernel)
-  y_new, vjp_new = jax.vjp(lambda x, kernel: layers.conv_tap_kernel_grad(x, kernel, padding),
+  y_new, vjp_new = jax.vjp(lambda x, kernel: layers.conv_matmul_kernel_grad(x, kernel, padding),
                            x, kernel)
   (dx_ref, dk_ref), (dx_new, dk_new) = vjp_ref(g), vjp_new(g)
   np.testing.assert_array_equal(y_new, y_ref)
@@ -119,6 +120,34 @@ def test_tap_kernel_grad_equals_xla_and_numpy(k, padding, shape, values, cout):
   else:
     np.testing.assert_allclose(dk_new, dk_numpy, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dk_ref, dk_numpy, rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_matrices_are_the_minimal_filtering_identity():
+  """F(2, 3) in 1-D: A^T [(G k) * (B^T d)] is the correlation of the 4-vector d with the
+  3-tap k, (d0 k0 + d1 k1 + d2 k2, d1 k0 + d2 k1 + d3 k2), for random d and k."""
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    d, k = rng.standard_normal(4), rng.standard_normal(3)
+    direct = np.array([d[0:3] @ k, d[1:4] @ k])
+    winograd_form = winograd.A.T @ ((winograd.G @ k) * (winograd.B_T @ d))
+    np.testing.assert_allclose(winograd_form, direct, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape,padding', [((2, 8, 6, 5), 1), ((1, 7, 5, 3), 1), ((2, 9, 8, 4), 0),
+                                           ((1, 5, 6, 2), 2), ((3, 1, 1, 2), 1)])
+def test_winograd_kernel_grad_equals_numpy(shape, padding):
+  """Even and odd outputs (odd ones get a zero row/column of cotangent), paddings 0 to 2:
+  exact on small integers, within float32 rounding on random floats."""
+  rng = np.random.default_rng(shape[1] * 10 + padding)
+  h_out, w_out = shape[1] + 2 * padding - 2, shape[2] + 2 * padding - 2
+  x = small_ints(rng, shape, -3, 4)
+  g = small_ints(rng, (shape[0], h_out, w_out, 3), -3, 4)
+  dk = winograd.kernel_grad_3x3(x, g, padding)
+  np.testing.assert_array_equal(dk, numpy_kernel_grad(x, g, 3, padding))
+  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  g = jnp.asarray(rng.standard_normal(g.shape).astype(np.float32))
+  np.testing.assert_allclose(winograd.kernel_grad_3x3(x, g, padding),
+                             numpy_kernel_grad(x, g, 3, padding), rtol=1e-5, atol=1e-5)
 
 
 def shared_conv_case(seed):
@@ -140,20 +169,20 @@ def shared_conv_case(seed):
 
 
 def test_shared_conv_kernel_gradient_form_is_chosen_by_channels(monkeypatch):
-  """SharedConv takes the per-tap kernel gradient on CPU from MIN_TAP_GRAD_CHANNELS input
+  """SharedConv takes the matmul kernel gradient on CPU from MIN_MATMUL_GRAD_CHANNELS input
   channels, for stride 1 only; the layer's value and gradients equal XLA's form."""
   x, grads = shared_conv_case(seed=3)
   calls = []
-  original = layers.conv_tap_kernel_grad
-  monkeypatch.setattr(layers, 'conv_tap_kernel_grad',
+  original = layers.conv_matmul_kernel_grad
+  monkeypatch.setattr(layers, 'conv_matmul_kernel_grad',
                       lambda *a: calls.append(a[1].shape) or original(*a))
   y_xla, grads_xla = grads()
   assert not calls  # 4 input channels: XLA's gradient
-  monkeypatch.setattr(layers, 'MIN_TAP_GRAD_CHANNELS', 4)
-  y_tap, grads_tap = grads()
+  monkeypatch.setattr(layers, 'MIN_MATMUL_GRAD_CHANNELS', 4)
+  y_matmul, grads_matmul = grads()
   assert calls == [(3, 3, 4, 6)]
-  np.testing.assert_array_equal(y_tap, y_xla)
-  jax.tree.map(np.testing.assert_array_equal, grads_tap, grads_xla)
+  np.testing.assert_array_equal(y_matmul, y_xla)
+  jax.tree.map(np.testing.assert_array_equal, grads_matmul, grads_xla)
   calls.clear()
   layers.SharedConv(6, 3, 2, 1).init(jax.random.key(0), x)  # strided: XLA's
   assert not calls
