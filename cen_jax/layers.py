@@ -94,8 +94,9 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 # feature map, at a fifth to a third of the forward convolution's FLOP rate.
 # `conv_matmul_kernel_grad` computes it as matmuls instead, in one of three forms:
 # - a 3x3 kernel with C_out > C_in / 2: Winograd's F(2x2, 3x3) (cen_jax/winograd.py), 16
-#   matmuls over 2x2 output tiles; at [4, 64, 64, 256] -> 256 1.4x faster than the per-tap
-#   form, 4.2x faster than XLA's;
+#   matmuls over 2x2 output tiles; at [4, 64, 64, 256] -> 256 1.3-1.4x faster than the
+#   per-tap form and 3.6-4.2x faster than XLA's (alone; in the whole step on the 2-core
+#   machine its memory-bound transforms cost about what the matmuls save: README);
 # - narrow outputs (2 C_out <= C_in, the 256 -> 40 classifier): one matmul over shifted copies
 #   of the cotangent;
 # - otherwise one matmul per kernel tap.
