@@ -158,7 +158,7 @@ KERNEL_GRAD_FORMS = {
     'per tap': lambda padded, x, g: layers.per_tap_kernel_grad(padded, g, 3, 3),
     'shifted cotangent': lambda padded, x, g: layers._shifted_cotangent_kernel_grad(  # pylint: disable=protected-access
         padded, g, 3, 3),
-    'Winograd': lambda padded, x, g: winograd.kernel_grad_3x3(x, g, 1),
+    'winograd': lambda padded, x, g: winograd.kernel_grad_3x3(x, g, 1),
 }
 
 
@@ -171,7 +171,7 @@ def kernel_grad_forms_table(shapes, repeats):
   print('|---' * (len(KERNEL_GRAD_FORMS) + 3) + '|')
   for text in shapes:
     x, kernel, g = layer_inputs(text)
-    cin, cout = kernel.shape[2:]
+    cin = kernel.shape[2]
     cells = [median_ms(backward(lambda x, k: layers.conv(x, k, 1, 1), 'kernel'), (x, kernel, g),
                        repeats)[0]]
     for form in KERNEL_GRAD_FORMS.values():
@@ -181,10 +181,8 @@ def kernel_grad_forms_table(shapes, repeats):
       taken = 'im2col'
     elif not layers.use_matmul_kernel_grad(cin):
       taken = '-'
-    elif layers.use_winograd_kernel_grad(3, cin, cout):
-      taken = 'Winograd'
     else:
-      taken = 'shifted cotangent' if 2 * cout <= cin else 'per tap'
+      taken = layers.matmul_kernel_grad_form(kernel.shape)
     print(f'| {text} | ' + ' | '.join(f'{ms:.1f}' for ms in cells) + f' | {taken} |')
 
 

@@ -111,10 +111,13 @@ def use_matmul_kernel_grad(in_features: int) -> bool:
   return jax.default_backend() == 'cpu' and in_features >= MIN_MATMUL_GRAD_CHANNELS
 
 
-def use_winograd_kernel_grad(k: int, in_features: int, out_features: int) -> bool:
-  """Which form `conv_matmul_kernel_grad` takes: Winograd's for 3x3 kernels with wide
-  outputs."""
-  return k == 3 and 2 * out_features > in_features
+def matmul_kernel_grad_form(kernel_shape: tuple) -> str:
+  """Which form `conv_matmul_kernel_grad` takes for an HWIO kernel shape: 'winograd' (3x3,
+  wide outputs), 'shifted cotangent' (2 C_out <= C_in) or 'per tap'."""
+  kh, kw, cin, cout = kernel_shape
+  if 2 * cout <= cin:
+    return 'shifted cotangent'
+  return 'winograd' if kh == kw == 3 else 'per tap'
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -132,14 +135,15 @@ def _conv_matmul_bwd(padding, residuals, g):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: conv(x, kernel, 1, padding), x)
   (dx,) = input_vjp(g)
-  kh, kw, cin, cout = kernel.shape
+  kh, kw = kernel.shape[:2]
   # The barrier ties the copies of x to g: without it XLA's scheduler makes them right after
   # the forward pass and keeps every layer's alive until its backward (GiBs).
   x, g = jax.lax.optimization_barrier((x, g))
-  if kh == kw and use_winograd_kernel_grad(kh, cin, cout):  # 3x3, wide outputs
+  form = matmul_kernel_grad_form(kernel.shape)
+  if form == 'winograd':
     return dx, winograd.kernel_grad_3x3(x, g, padding).astype(kernel.dtype)
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  if 2 * cout <= cin:  # narrow outputs (the classifiers): shift g, not x; one matmul
+  if form == 'shifted cotangent':  # narrow outputs (the classifiers): shift g, not x
     return dx, _shifted_cotangent_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
   return dx, per_tap_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
 
