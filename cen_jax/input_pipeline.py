@@ -433,7 +433,7 @@ def to_display_image(config, modality: str, x) -> np.ndarray:
   if _is_translation(config):
     from cen_jax import viz
     return viz.to_uint8_image(x)
-  if modality == 'rgb':
+  if modality in ('rgb', 'defocus'):  # colour images, normalised as rgb
     return denormalize_rgb(config, x)
   x = np.asarray(x, np.float64)
   x = x[..., 0] if x.ndim == 3 else x

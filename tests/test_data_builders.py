@@ -184,8 +184,9 @@ def test_synthetic_tiny_is_deterministic_and_well_formed(tmp_path):
     assert ex['depth'].shape == (16, 20) and ex['depth'].dtype == np.uint16
     assert ex['mask'].shape == (16, 20) and ex['mask'].dtype == np.uint8
     assert set(np.unique(ex['mask'])) <= set(range(7)) | {255}
+    assert ex['defocus'].shape == (16, 20, 3) and ex['defocus'].dtype == np.uint8
     again = synth.example('train', i, 16, 20)
-    for key in ('rgb', 'depth', 'mask'):
+    for key in ('rgb', 'depth', 'mask', 'normals', 'defocus'):
       np.testing.assert_array_equal(ex[key], again[key])
   test0 = read_split(config, 'test')[0]
   assert not np.array_equal(test0['rgb'], examples[0]['rgb'])  # splits differ
@@ -259,6 +260,96 @@ def test_synthetic_per_pixel_classifier_needs_both_modalities():
   assert depth[list(synth.DEPTH_CLASSES)].min() > 0.3
   assert depth[list(synth.COLOUR_CLASSES)].mean() < 0.4
   assert both.mean() > 0.95
+
+
+def test_defocus_is_a_per_pixel_gaussian_blur():
+  """Against a hand-built sampled Gaussian (scipy's: truncated at 4 sigma, normalised):
+  a constant sigma on the bank blurs the whole image by it, a sigma between two bank levels
+  mixes them linearly, sigma 0 keeps the pixel, and each pixel takes its own sigma."""
+  rng = np.random.default_rng(0)
+  image = rng.uniform(0, 255, size=(21, 24, 2))
+
+  def blur(x, sigma):  # separable correlation with reflected borders ('symmetric')
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    padded = np.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode='symmetric')
+    rows = sum(t * padded[k: k + x.shape[0]] for k, t in enumerate(taps))
+    return sum(t * rows[:, k: k + x.shape[1]] for k, t in enumerate(taps))
+
+  step = synth.BLUR_SIGMA_STEP
+  full = lambda s: np.full(image.shape[:2], s)
+  np.testing.assert_allclose(synth.defocus(image, full(0.0)), image, atol=1e-9)
+  np.testing.assert_allclose(synth.defocus(image, full(4 * step)), blur(image, 4 * step),
+                             atol=1e-9)
+  np.testing.assert_allclose(synth.defocus(image, full(2.5 * step)),
+                             0.5 * blur(image, 2 * step) + 0.5 * blur(image, 3 * step), atol=1e-9)
+  sigma = full(0.0)
+  sigma[:, 12:] = 6 * step
+  mixed = synth.defocus(image, sigma)
+  np.testing.assert_allclose(mixed[:, :12], image[:, :12], atol=1e-9)
+  np.testing.assert_allclose(mixed[:, 12:], blur(image, 6 * step)[:, 12:], atol=1e-9)
+  with pytest.raises(ValueError, match='sigma must be'):
+    synth.defocus(image, full(-0.1))
+
+
+def test_synthetic_defocus_keeps_the_other_features():
+  """The defocus image (1.2.0) draws nothing from the generator: rgb, depth, mask and normals
+  are those of 1.1.0 (digest of 3 train and 3 test 64x64 examples, taken with the 1.1.0
+  builder at commit 54e3128)."""
+  import hashlib
+  digest = hashlib.sha256()
+  for split in ('train', 'test'):
+    for i in range(3):
+      ex = synth.example(split, i, 64, 64)
+      for key in ('rgb', 'depth', 'mask', 'normals'):
+        digest.update(np.ascontiguousarray(ex[key]).tobytes())
+  assert digest.hexdigest() == '62a959b97732758dc533f64ccea5a0639c6fe65132c7dc68131b501252e37579'
+
+
+def test_synthetic_defocus_holds_the_depth_only_classes():
+  """A per-pixel Gaussian (QDA) classifier on local colour and local high-frequency energy
+  (how much of the noise texture the blur left): from rgb it cannot tell the depth-only
+  classes apart, from the defocus image it can, and it keeps the colour classes."""
+  from scipy import ndimage
+
+  def features(image):
+    x = image.astype(np.float64)
+    grey = x.mean(-1)
+    high = grey - ndimage.uniform_filter(grey, 3, mode='reflect')
+    energy = np.log(ndimage.uniform_filter(high * high, 5, mode='reflect') + 1e-2)
+    colour = ndimage.uniform_filter(x, (5, 5, 1), mode='reflect') / 255.0
+    return np.concatenate([colour.reshape(-1, 3), energy.reshape(-1, 1)], 1)
+
+  def pixels(split, count, key):
+    xs, ys = [], []
+    for i in range(count):
+      ex = synth.example(split, i, 32, 32)
+      xs.append(features(ex[key]))
+      ys.append(ex['mask'].ravel())
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return x[y != 255], y[y != 255]
+
+  def iou(key):
+    x_train, y_train = pixels('train', 200, key)
+    x_test, y_test = pixels('test', 100, key)
+    scores = []
+    for c in range(synth.NUM_CLASSES):
+      x = x_train[y_train == c]
+      cov = np.cov(x.T) + 1e-6 * np.eye(x.shape[1])
+      d = x_test - x.mean(0)
+      scores.append(-0.5 * np.einsum('ni,ij,nj->n', d, np.linalg.inv(cov), d)
+                    - 0.5 * np.linalg.slogdet(cov)[1] + np.log((y_train == c).mean()))
+    pred = np.argmax(np.stack(scores, 1), 1)
+    conf = np.zeros((synth.NUM_CLASSES,) * 2)
+    np.add.at(conf, (y_test, pred), 1)
+    return np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf))
+
+  rgb, blurred = iou('rgb'), iou('defocus')
+  depth_classes, colour_classes = list(synth.DEPTH_CLASSES), list(synth.COLOUR_CLASSES)
+  assert rgb[depth_classes].mean() < 0.25
+  assert blurred[depth_classes].mean() > 0.45 and blurred[depth_classes].min() > 0.35
+  assert blurred[colour_classes].min() > 0.7
 
 
 def test_grayscale_and_jpeg_rgb_files(tmp_path):

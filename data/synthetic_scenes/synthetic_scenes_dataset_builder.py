@@ -34,6 +34,16 @@ forward), facing the camera. They are stored as uint8 round(127 n + 128), in [1,
 (0, 0, 0) marks pixels without a normal (within one pixel of an occlusion boundary). Adding
 them changed no other feature (they draw nothing from the generator).
 
+The defocus image (version 1.2.0; the single input of the multitask demo,
+configs/demo_dense.py) is the rgb image as a camera focused at FOCUS_METRES with a shallow
+depth of field sees it: each pixel is the rgb image blurred by a Gaussian of
+sigma = BLUR_PX_PER_METRE * (d - FOCUS_METRES) pixels (0 in front of the focal plane), d the
+noise-free depth (`defocus`; a linear stand-in for the thin-lens circle of confusion, steep
+enough that the three depth-only levels get sigma 0.15 / 0.6 / 1.05 px). The per-pixel noise
+of rgb plays the role of fine surface texture, so how much of it survives tells depth:
+unlike rgb, this one image holds both the colours and the depth-only classes. It draws
+nothing from the generator, so the other features are those of 1.1.0.
+
 BuilderConfigs: 'default' 64x64 with 1000 train / 200 test; 'small' 32x32 with 200 / 50;
 'tiny' 16x20 with 8 / 6 (smoke tests). Custom sizes: pass
 `config=SyntheticScenesConfig(name=..., height=..., width=..., num_train=..., num_test=...)`.
@@ -53,6 +63,9 @@ DEPTH_CLASSES = (4, 5, 6)
 SEED = 20201105
 DEPTH_UNITS_PER_METRE = 5000.0
 FOCAL_IN_WIDTHS = 4.0  # telephoto: object slants tilt normals by up to ~20 degrees
+FOCUS_METRES = 1.0  # the defocus image's focal plane: just in front of the nearest objects
+BLUR_PX_PER_METRE = 0.6
+BLUR_SIGMA_STEP = 0.25  # spacing of the blur bank that `defocus` interpolates
 
 _HUES = {1: 0.0, 2: 120.0, 3: 240.0, 4: 60.0, 5: 60.0, 6: 60.0}
 _DEPTH_LEVELS = {4: 1.25, 5: 2.0, 6: 2.75}
@@ -99,9 +112,30 @@ def encode_normals(normals: np.ndarray, valid: np.ndarray) -> np.ndarray:
   return np.where(valid[..., None], code, 0).astype(np.uint8)
 
 
+def defocus(image: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+  """float64 [H, W, C]: `image` blurred at each pixel by a Gaussian of that pixel's `sigma`
+  [H, W] (pixels, >= 0), linearly interpolated between blurs at multiples of BLUR_SIGMA_STEP
+  (scipy's gaussian_filter, reflected borders)."""
+  from scipy import ndimage
+  image = np.asarray(image, np.float64)
+  sigma = np.asarray(sigma, np.float64)
+  if sigma.shape != image.shape[:2] or np.any(sigma < 0):
+    raise ValueError(f'defocus: sigma must be [H, W] = {image.shape[:2]} and >= 0, got shape '
+                     f'{sigma.shape}, min {sigma.min() if sigma.size else None}')
+  position = sigma / BLUR_SIGMA_STEP
+  levels = np.arange(int(np.ceil(position.max())) + 1)
+  bank = np.stack([ndimage.gaussian_filter(image, (BLUR_SIGMA_STEP * k, BLUR_SIGMA_STEP * k, 0),
+                                           mode='reflect') for k in levels])
+  lower = np.minimum(np.floor(position).astype(np.int64), len(levels) - 1)
+  upper = np.minimum(lower + 1, len(levels) - 1)
+  weight = (position - lower)[..., None]
+  yy, xx = np.indices(sigma.shape)
+  return (1.0 - weight) * bank[lower, yy, xx] + weight * bank[upper, yy, xx]
+
+
 def render_scene(rng: np.random.Generator, height: int, width: int):
   """(rgb uint8 HxWx3, depth uint16 HxW in metres*5000, mask uint8 HxW, normals uint8 HxWx3
-  as `encode_normals`)."""
+  as `encode_normals`, defocus uint8 HxWx3)."""
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
   yn, xn = yy / max(height - 1, 1), xx / max(width - 1, 1)
   # Background: wall bending into a floor.
@@ -152,6 +186,7 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
   normals = encode_normals(camera_normals(depth, FOCAL_IN_WIDTHS * width), smooth)
 
   rgb = rgb + rng.normal(0.0, 12.0, size=rgb.shape)
+  blurred = defocus(rgb, BLUR_PX_PER_METRE * np.maximum(depth - FOCUS_METRES, 0.0))
   depth = depth + rng.normal(0.0, 0.03, size=depth.shape)
   # Ignore ~25% of the boundary pixels (labels are uncertain there, as in real annotations).
   edge = np.zeros_like(mask, bool)
@@ -159,15 +194,16 @@ def render_scene(rng: np.random.Generator, height: int, width: int):
   edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
   mask = np.where(edge & (rng.random(mask.shape) < 0.25), IGNORE_LABEL, mask).astype(np.uint8)
   rgb = np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+  blurred = np.clip(np.round(blurred), 0, 255).astype(np.uint8)
   depth = np.clip(np.round(depth * DEPTH_UNITS_PER_METRE), 0, 65535).astype(np.uint16)
-  return rgb, depth, mask, normals
+  return rgb, depth, mask, normals, blurred
 
 
 def example(split: str, index: int, height: int, width: int) -> dict:
   """Example `index` of `split`: a pure function of (SEED, split, index, size)."""
   rng = np.random.default_rng([SEED, _SPLIT_CODES[split], index, height, width])
-  rgb, depth, mask, normals = render_scene(rng, height, width)
-  return {'rgb': rgb, 'depth': depth, 'mask': mask, 'normals': normals,
+  rgb, depth, mask, normals, blurred = render_scene(rng, height, width)
+  return {'rgb': rgb, 'depth': depth, 'mask': mask, 'normals': normals, 'defocus': blurred,
           'name': f'{split}/{index:06d}'}
 
 
@@ -179,9 +215,10 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Synthetic RGB-D scenes (colour-only and depth-only classes)."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',
-                   '1.1.0': 'Surface normals (multitask targets); other features unchanged.'}
+                   '1.1.0': 'Surface normals (multitask targets); other features unchanged.',
+                   '1.2.0': 'Defocus image (multitask input); other features unchanged.'}
   BUILDER_CONFIGS = [
       SyntheticScenesConfig(name='default', description='64x64, 1000 train / 200 test'),
       SyntheticScenesConfig(name='small', height=32, width=32, num_train=200, num_test=50,
@@ -199,6 +236,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             'depth': tfds.features.Tensor(shape=(None, None), dtype=np.uint16, encoding='zlib'),
             'mask': tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding='zlib'),
             'normals': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
+            'defocus': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
             'name': tfds.features.Text(),
         }),
         supervised_keys=None,
@@ -216,5 +254,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for index in range(count):
       ex = example(split, index, c.height, c.width)
       ex['normals'] = _png_bytes(ex['normals'])
+      ex['defocus'] = _png_bytes(ex['defocus'])
       ex['rgb'] = _png_bytes(ex['rgb'])  # encoded here: TFDS needs TensorFlow to encode arrays
       yield index, ex
