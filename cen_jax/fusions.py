@@ -258,6 +258,9 @@ register('cen_no_l1', points={'bn2': exchange_by_scale, 'norm': exchange_by_scal
 register('cen_l1_all', points={'bn2': exchange_by_scale, 'norm': exchange_by_scale},
          penalty=all_channels_l1,
          description='CEN exchange with the L1 on all channels (no partition)')
+register('cen_l1_only', penalty=partitioned_l1,
+         description="CEN's L1 on the partition without the exchange (what the penalty alone "
+                     'costs)')
 register('random_exchange', points={'bn2': random_exchange, 'norm': random_exchange},
          description='exchange a fixed random part of each partition (fusion_options.'
                      'random_fraction)')

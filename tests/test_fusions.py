@@ -29,8 +29,8 @@ def site(scale=None, **options):
 
 
 def test_registry_names_and_errors():
-  assert {'cen', 'asymfusion', 'none', 'cen_no_l1', 'cen_l1_all', 'random_exchange',
-          'average', 'sum', 'separate', 'early'} <= set(fusions.REGISTRY)
+  assert {'cen', 'asymfusion', 'none', 'cen_no_l1', 'cen_l1_all', 'cen_l1_only',
+          'random_exchange', 'average', 'sum', 'separate', 'early'} <= set(fusions.REGISTRY)
   with pytest.raises(ValueError, match=r"unknown points \['bn4'\]"):
     fusions.register('bad', points={'bn4': lambda x, s: x})
   with pytest.raises(ValueError, match="a 'separate' network has no fusion points"):
@@ -82,6 +82,28 @@ def test_penalties_by_hand():
   assert float(fusions.partitioned_l1(scales)) == 1 + 2 + 7 + 8
   assert float(fusions.all_channels_l1(scales)) == 36.0
   assert float(fusions.penalty(fusions.get('none'), scales, {})) == 0.0
+
+
+def test_cen_l1_only_computes_none_and_penalises_as_cen():
+  """With scales under the threshold, `cen` exchanges and `cen_l1_only` does not: its outputs
+  are those of `none`, and its penalty is `cen`'s partitioned L1."""
+  x = rand_images(2, seed=9)
+  models = {name: build_model(tiny_config(name)) for name in ('none', 'cen', 'cen_l1_only')}
+  variables = variables_for(models['cen'], x, seed=10)
+
+  def some_under_threshold(path, leaf):
+    if path[-1].key == 'scale' and 'bn2' in str(path):
+      return leaf.at[:, 0].set(0.0)
+    return leaf
+
+  variables = jax.tree_util.tree_map_with_path(some_under_threshold,
+                                               jax.tree.map(jnp.asarray, variables))
+  outs = {name: m.apply(variables, x, train=False) for name, m in models.items()}
+  np.testing.assert_array_equal(outs['cen_l1_only']['branches'], outs['none']['branches'])
+  assert not np.allclose(outs['cen']['branches'], outs['none']['branches'])
+  scales = exchange_scales(variables['params'])
+  penalty = float(fusions.penalty(fusions.get('cen_l1_only'), scales, {}))
+  assert penalty > 0 and penalty == float(fusions.penalty(fusions.get('cen'), scales, {}))
 
 
 @pytest.mark.parametrize('name, combine', [('average', np.mean), ('sum', np.sum)])
