@@ -4,9 +4,10 @@
 branches of its scenario; compare with `--config.model.fusion=none` (or
 `python -m cen_jax.ablate --config configs/demo_dense.py:<scenario> --fusions cen,none`).
 
-The scenes store RGB, depth, the class mask and surface normals
-(data/synthetic_scenes). As an input, 'normals' is a third, geometry-derived modality (the
-role HHA plays for NYUDv2); as a task it is predicted from the inputs.
+The scenes store RGB, depth, the class mask, surface normals and a defocus image (RGB seen
+with a shallow depth of field; data/synthetic_scenes). As an input, 'normals' is a third,
+geometry-derived modality (the role HHA plays for NYUDv2); as a task it is predicted from the
+inputs.
 """
 
 from cen_jax import branches as branches_lib
@@ -16,8 +17,11 @@ from configs import demo
 SCENARIOS = {
     # Multimodal fusion, M = 3: three inputs, one task.
     'fusion3': ('rgb>semseg', 'depth>semseg', 'normals>semseg'),
-    # Multitask: one input, three task branches that exchange channels.
-    'multitask': ('rgb>semseg', 'rgb>depth', 'rgb>normals'),
+    # Multitask: one input, three task branches that exchange channels. The input is the
+    # defocus image, whose blur tells depth (so it holds the depth-only classes too).
+    'multitask': ('defocus>semseg', 'defocus>depth', 'defocus>normals'),
+    # The same from rgb, which does not carry depth: capped near the rgb-only demo.
+    'multitask_rgb': ('rgb>semseg', 'rgb>depth', 'rgb>normals'),
     # Multimodal multitask, M = 4: (rgb, depth) x (semseg, normals).
     'mm_multitask': ('rgb>semseg', 'depth>semseg', 'rgb>normals', 'depth>normals'),
 }

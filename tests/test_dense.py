@@ -46,8 +46,11 @@ def test_branch_graph_of_every_scenario():
   assert fusion3[0]['exchanges_with'] == ['depth>semseg', 'normals>semseg']
   multitask = graphs['multitask']
   assert [(g['reads'], g['task'], g['loss']) for g in multitask] == [
-      ('rgb', 'semseg', 'cross_entropy'), ('rgb', 'depth', 'l1'), ('rgb', 'normals', 'cosine')]
-  assert multitask[1]['exchanges_with'] == ['rgb>semseg', 'rgb>normals']
+      ('defocus', 'semseg', 'cross_entropy'), ('defocus', 'depth', 'l1'),
+      ('defocus', 'normals', 'cosine')]
+  assert multitask[1]['exchanges_with'] == ['defocus>semseg', 'defocus>normals']
+  assert [(g['reads'], g['task']) for g in graphs['multitask_rgb']] == [
+      ('rgb', 'semseg'), ('rgb', 'depth'), ('rgb', 'normals')]
   mm = graphs['mm_multitask']
   assert [(g['reads'], g['task']) for g in mm] == [
       ('rgb', 'semseg'), ('depth', 'semseg'), ('rgb', 'normals'), ('depth', 'normals')]
@@ -61,7 +64,7 @@ def test_branch_graph_of_every_scenario():
       'rgb>semseg', 'depth>semseg', 'ensemble>semseg', 'rgb>normals', 'depth>normals',
       'ensemble>normals']
   assert dense.output_names(demo_dense.get_config('multitask')) == [
-      'rgb>semseg', 'rgb>depth', 'rgb>normals']
+      'defocus>semseg', 'defocus>depth', 'defocus>normals']
   assert dense.batch_keys(demo_dense.get_config('multitask')) == (
       'mask', 'target_depth', 'target_normals')
 
@@ -338,6 +341,23 @@ def test_dense_losses_by_hand():
   sums = dense.loss_sums('depth', pred[..., :1], jnp.asarray(depth_target), valid, config)
   hand = [np.abs(p[o, ..., 0] - depth_target)[depth_target > 0].sum() for o in range(2)]
   np.testing.assert_allclose(np.asarray(sums), hand, rtol=1e-5)
+
+
+def test_multitask_demo_reads_the_stored_defocus_image(tmp_path):
+  """The multitask demo's one input is the scenes' stored defocus image, normalised as rgb,
+  beside the depth and normals targets of the same example."""
+  ip = input_pipeline
+  config = demo_dense.get_config('multitask')
+  config.data.builder_config = 'tiny'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  ip.prepare(config)
+  raw = ip._Source(ip.prepared_dir(config), 'test')[1]
+  example = dense_data.EvalSample(config)(raw)
+  assert set(example) == {'defocus', 'mask', 'target_depth', 'target_normals'}
+  stored = synth.example('test', 1, 16, 20)['defocus']
+  np.testing.assert_array_equal(np.asarray(raw['defocus']), stored)
+  mean, std = np.asarray(config.data.rgb_mean), np.asarray(config.data.rgb_std)
+  np.testing.assert_allclose(example['defocus'], (stored / 255.0 - mean) / std, atol=1e-5)
 
 
 def test_dense_demo_trains_and_evaluates_through_main(tmp_path):
