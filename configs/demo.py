@@ -45,3 +45,13 @@ def get_config():
   t.log_every_steps = 25
   t.checkpoint_every_steps = 250
   return config
+
+
+def one_input(modality):
+  """The demo's network, data and budget on one input (M = 1): the single-modality baselines.
+  A single branch has nothing to exchange with, so fusion is 'none' and the L1 term is off."""
+  config = get_config()
+  config.modalities = (modality,)
+  config.model.fusion = 'none'
+  config.train.l1_lambda = 0.0
+  return config

@@ -224,6 +224,23 @@ def test_synthetic_classes_need_both_modalities():
   assert all(lo < np.median(depth[c]) < hi for c in (4, 5, 6))
 
 
+def gaussian_classifier_iou(train, test) -> np.ndarray:
+  """Per-class IoU on `test` of a per-pixel Gaussian (QDA) classifier fitted on `train`;
+  each is (features [N, F], labels [N])."""
+  (x_train, y_train), (x_test, y_test) = train, test
+  scores = []
+  for c in range(synth.NUM_CLASSES):
+    x = x_train[y_train == c]
+    cov = np.atleast_2d(np.cov(x.T)) + 1e-6 * np.eye(x.shape[1])
+    d = x_test - x.mean(0)
+    scores.append(-0.5 * np.einsum('ni,ij,nj->n', d, np.linalg.inv(cov), d)
+                  - 0.5 * np.linalg.slogdet(cov)[1] + np.log((y_train == c).mean()))
+  pred = np.argmax(np.stack(scores, 1), 1)
+  conf = np.zeros((synth.NUM_CLASSES,) * 2)
+  np.add.at(conf, (y_test, pred), 1)
+  return np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf))
+
+
 def test_synthetic_per_pixel_classifier_needs_both_modalities():
   """A per-pixel Gaussian (QDA) classifier: RGB alone fails on the depth-only classes, depth
   alone on the colour-only classes, both together are nearly perfect."""
@@ -238,21 +255,10 @@ def test_synthetic_per_pixel_classifier_needs_both_modalities():
     x, y = np.concatenate(xs), np.concatenate(ys)
     return x[y != 255], y[y != 255]
 
-  x_train, y_train = pixels('train', 200)
-  x_test, y_test = pixels('test', 100)
+  train, test = pixels('train', 200), pixels('test', 100)
 
   def iou(cols):
-    scores = []
-    for c in range(synth.NUM_CLASSES):
-      x = x_train[y_train == c][:, cols]
-      cov = np.atleast_2d(np.cov(x.T)) + 1e-6 * np.eye(len(cols))
-      d = x_test[:, cols] - x.mean(0)
-      scores.append(-0.5 * np.einsum('ni,ij,nj->n', d, np.linalg.inv(cov), d)
-                    - 0.5 * np.linalg.slogdet(cov)[1] + np.log((y_train == c).mean()))
-    pred = np.argmax(np.stack(scores, 1), 1)
-    conf = np.zeros((synth.NUM_CLASSES,) * 2)
-    np.add.at(conf, (y_test, pred), 1)
-    return np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf))
+    return gaussian_classifier_iou((train[0][:, cols], train[1]), (test[0][:, cols], test[1]))
 
   rgb, depth, both = iou([0, 1, 2]), iou([3]), iou([0, 1, 2, 3])
   assert rgb[list(synth.COLOUR_CLASSES)].min() > 0.9
@@ -331,19 +337,7 @@ def test_synthetic_defocus_holds_the_depth_only_classes():
     return x[y != 255], y[y != 255]
 
   def iou(key):
-    x_train, y_train = pixels('train', 200, key)
-    x_test, y_test = pixels('test', 100, key)
-    scores = []
-    for c in range(synth.NUM_CLASSES):
-      x = x_train[y_train == c]
-      cov = np.cov(x.T) + 1e-6 * np.eye(x.shape[1])
-      d = x_test - x.mean(0)
-      scores.append(-0.5 * np.einsum('ni,ij,nj->n', d, np.linalg.inv(cov), d)
-                    - 0.5 * np.linalg.slogdet(cov)[1] + np.log((y_train == c).mean()))
-    pred = np.argmax(np.stack(scores, 1), 1)
-    conf = np.zeros((synth.NUM_CLASSES,) * 2)
-    np.add.at(conf, (y_test, pred), 1)
-    return np.diag(conf) / (conf.sum(0) + conf.sum(1) - np.diag(conf))
+    return gaussian_classifier_iou(pixels('train', 200, key), pixels('test', 100, key))
 
   rgb, blurred = iou('rgb'), iou('defocus')
   depth_classes, colour_classes = list(synth.DEPTH_CLASSES), list(synth.COLOUR_CLASSES)
