@@ -24,8 +24,8 @@ object boundaries are labelled 255 (ignore).
 
 Storage follows the NYUDv2 conventions of the pipeline: `rgb` uint8 HxWx3, `depth` uint16 HxW
 holding metres * 5000 (config.data.depth_scale = 1/5000 turns it back into metres), `mask` uint8
-HxW (255 = ignore), `normals` uint8 HxWx3, `name`. Generation is a pure function of (SEED, split,
-index).
+HxW (255 = ignore), `normals` and `defocus` uint8 HxWx3, `name`. Generation is a pure
+function of (SEED, split, index).
 
 Surface normals (version 1.1.0; the multitask targets, cen_jax/dense_data.py) come from the
 noise-free depth through a pinhole camera with the principal point at the image centre and a
