@@ -34,7 +34,6 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from cen_jax import layers  # pylint: disable=wrong-import-position
-from cen_jax import winograd  # pylint: disable=wrong-import-position
 
 DEFAULT_SHAPES = ['4x64x64x256x256', '4x32x32x256x256', '4x16x16x256x256', '4x8x8x512x512',
                   '4x32x32x128x128', '4x64x64x256x40', '4x64x64x64x64', '4x8x8x256x256',
@@ -154,12 +153,7 @@ def im2col_table(shapes, repeats):
           f'| {both[0]:.1f} | {both[1]:.1f} | {both[0] / both[1]:.2f}x | {"yes" if used else "no"} |')
 
 
-KERNEL_GRAD_FORMS = {
-    'per tap': lambda padded, x, g: layers.per_tap_kernel_grad(padded, g, 3, 3),
-    'shifted cotangent': lambda padded, x, g: layers._shifted_cotangent_kernel_grad(  # pylint: disable=protected-access
-        padded, g, 3, 3),
-    'winograd': lambda padded, x, g: winograd.kernel_grad_3x3(x, g, 1),
-}
+KERNEL_GRAD_FORMS = ('per tap', 'shifted cotangent', 'winograd')
 
 
 def kernel_grad_forms_table(shapes, repeats):
@@ -174,8 +168,8 @@ def kernel_grad_forms_table(shapes, repeats):
     cin = kernel.shape[2]
     cells = [median_ms(backward(lambda x, k: layers.conv(x, k, 1, 1), 'kernel'), (x, kernel, g),
                        repeats)[0]]
-    for form in KERNEL_GRAD_FORMS.values():
-      run = lambda x, g, form=form: form(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), x, g)
+    for form in KERNEL_GRAD_FORMS:
+      run = lambda x, g, form=form: layers.matmul_kernel_grad(x, g, (3, 3), 1, form)
       cells.append(median_ms(run, (x, g), repeats)[0])
     if layers.use_im2col(x.shape, 3, 1, 1):
       taken = 'im2col'

@@ -139,13 +139,22 @@ def _conv_matmul_bwd(padding, residuals, g):
   # The barrier ties the copies of x to g: without it XLA's scheduler makes them right after
   # the forward pass and keeps every layer's alive until its backward (GiBs).
   x, g = jax.lax.optimization_barrier((x, g))
-  form = matmul_kernel_grad_form(kernel.shape)
+  return dx, matmul_kernel_grad(x, g, (kh, kw), padding).astype(kernel.dtype)
+
+
+def matmul_kernel_grad(x, g, kernel_hw, padding, form=None):
+  """The kernel gradient [kh, kw, C_in, C_out] of `conv(x, kernel, 1, padding)` for the output
+  cotangent g, in `form` (default: the one `matmul_kernel_grad_form` picks for the shape)."""
+  kh, kw = kernel_hw
+  form = form or matmul_kernel_grad_form((kh, kw, x.shape[-1], g.shape[-1]))
   if form == 'winograd':
-    return dx, winograd.kernel_grad_3x3(x, g, padding).astype(kernel.dtype)
+    return winograd.kernel_grad_3x3(x, g, padding)
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   if form == 'shifted cotangent':  # narrow outputs (the classifiers): shift g, not x
-    return dx, _shifted_cotangent_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
-  return dx, per_tap_kernel_grad(padded, g, kh, kw).astype(kernel.dtype)
+    return _shifted_cotangent_kernel_grad(padded, g, kh, kw)
+  if form == 'per tap':
+    return per_tap_kernel_grad(padded, g, kh, kw)
+  raise ValueError(f"form={form!r}: expected 'winograd', 'shifted cotangent' or 'per tap'")
 
 
 def per_tap_kernel_grad(padded, g, kh, kw):

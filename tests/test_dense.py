@@ -346,12 +346,11 @@ def test_dense_losses_by_hand():
 def test_multitask_demo_reads_the_stored_defocus_image(tmp_path):
   """The multitask demo's one input is the scenes' stored defocus image, normalised as rgb,
   beside the depth and normals targets of the same example."""
-  ip = input_pipeline
   config = demo_dense.get_config('multitask')
   config.data.builder_config = 'tiny'
   config.data.data_dir = str(tmp_path / 'tfds')
-  ip.prepare(config)
-  raw = ip._Source(ip.prepared_dir(config), 'test')[1]
+  input_pipeline.prepare(config)
+  raw = input_pipeline._Source(input_pipeline.prepared_dir(config), 'test')[1]
   example = dense_data.EvalSample(config)(raw)
   assert set(example) == {'defocus', 'mask', 'target_depth', 'target_normals'}
   stored = synth.example('test', 1, 16, 20)['defocus']

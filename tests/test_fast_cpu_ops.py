@@ -150,6 +150,19 @@ def test_winograd_kernel_grad_equals_numpy(shape, padding):
                              numpy_kernel_grad(x, g, 3, padding), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('form', ['winograd', 'shifted cotangent', 'per tap'])
+def test_every_matmul_kernel_grad_form_equals_numpy(form):
+  """Each form `layers.matmul_kernel_grad` can be asked for, on one 3x3 case, exactly on
+  small integers (benchmarks/conv_grad.py times them all); an unknown form is an error."""
+  rng = np.random.default_rng(3)
+  x = small_ints(rng, (2, 6, 7, 4), -3, 4)
+  g = small_ints(rng, (2, 6, 7, 3), -3, 4)
+  np.testing.assert_array_equal(layers.matmul_kernel_grad(x, g, (3, 3), 1, form),
+                                numpy_kernel_grad(x, g, 3, 1))
+  with pytest.raises(ValueError, match="form='im2col'"):
+    layers.matmul_kernel_grad(x, g, (3, 3), 1, 'im2col')
+
+
 def shared_conv_case(seed):
   """x [M, N, H, W, C] = [2, 2, 6, 5, 4] (4 images, 120 output rows) and a function giving a
   SharedConv(6, 3, padding 1, bias)'s value and gradients on it, with small-integer weights and
