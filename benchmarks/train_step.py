@@ -197,8 +197,26 @@ def case_name(case):
 
 
 def measure(case, args):
-  """Median seconds of `args.steps` alternated turns of each worker (the last step of each),
-  plus set-up figures."""
+  """Median seconds over `args.processes` fresh sets of workers of `args.steps` alternated turns
+  each (the last step of each turn), plus set-up figures and each set's ratios. Fresh processes,
+  because one worker process can run 16% slower than another of the same code for its whole
+  life (README), which a single set would report as a difference between the trees."""
+  runs = [measure_once(case, args) for _ in range(args.processes)]
+  out = {}
+  for k in runs[0]:
+    times = [t for run in runs for t in run[k]['times']]
+    cpu = [c for run in runs for c in run[k]['cpu_s']]
+    out[k] = dict(runs[0][k], median_s=statistics.median(times), times=times,
+                  cpu_s=statistics.median(cpu),
+                  peak_rss_mib=max(run[k]['peak_rss_mib'] for run in runs),
+                  process_medians=[statistics.median(run[k]['times']) for run in runs])
+    if 'compile_s' in out[k]:  # the cen-jax workers
+      out[k]['compile_s'] = statistics.median([run[k]['compile_s'] for run in runs])
+  return out
+
+
+def measure_once(case, args):
+  """The step times of `args.steps` alternated turns of one fresh set of workers."""
   workers = {'jax': Worker([args.jax_python, os.path.abspath(__file__), '--worker'])}
   if args.compare_tree or args.compare_xla_flags:
     tree = os.path.abspath(args.compare_tree) if args.compare_tree else ROOT
@@ -233,8 +251,15 @@ def measure(case, args):
   finally:
     for w in workers.values():
       w.close()
-  return {k: dict(setup[k], median_s=statistics.median(times[k]), times=times[k],
-                  cpu_s=statistics.median(cpu[k]), peak_rss_mib=memory[k]) for k in workers}
+  return {k: dict(setup[k], times=times[k], cpu_s=cpu[k], peak_rss_mib=memory[k])
+          for k in workers}
+
+
+def process_ratios(results, of, to):
+  """'a-b' range of the per-process speed of worker `of` relative to worker `to` (their
+  medians in the same set), or '' with one set."""
+  ratios = [t / o for o, t in zip(results[of]['process_medians'], results[to]['process_medians'])]
+  return f' ({min(ratios):.2f}-{max(ratios):.2f}x)' if len(ratios) > 1 else ''
 
 
 def table(results, compared_to=''):
@@ -245,9 +270,11 @@ def table(results, compared_to=''):
           '|---|---|---|---|---|' + ('---|---|' if compared_to else '') + '---|---|---|---|']
   for case, r in results:
     jax_r, torch_r, other_r = r['jax'], r.get('torch'), r.get('jax_other')
-    ratio = f"{torch_r['median_s'] / jax_r['median_s']:.2f}x" if torch_r else '-'
+    ratio = (f"{torch_r['median_s'] / jax_r['median_s']:.2f}x" + process_ratios(r, 'jax', 'torch')
+             if torch_r else '-')
     compared = [f"{other_r['median_s']:.3f}",
-                f"{other_r['median_s'] / jax_r['median_s']:.2f}x"] if other_r else []
+                f"{other_r['median_s'] / jax_r['median_s']:.2f}x" +
+                process_ratios(r, 'jax', 'jax_other')] if other_r else []
     rows.append(' | '.join([
         f'| {case_name(case)}',
         f"{torch_r['median_s']:.3f}" if torch_r else '-',
@@ -279,6 +306,9 @@ def main():
   parser.add_argument('--forward_batch', type=int, default=1)
   parser.add_argument('--steps', type=int, default=5, help='timed steps per worker and case')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first')
+  parser.add_argument('--processes', type=int, default=1,
+                      help='fresh sets of workers per case; the table gives the median over '
+                      'all their timed steps and, in brackets, the range of the sets\' ratios')
   parser.add_argument('--block', type=int, default=2,
                       help='steps per turn of a worker, the last one timed (steady state, as '
                       'in training: the first step after the other worker ran is slower)')
@@ -301,7 +331,8 @@ def main():
          f"{first['torch']['threads']} threads)" if 'torch' in first else ''))
   print(f'cpus: {os.cpu_count()}, load average at the end: '
         f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}; median of {args.steps} alternated '
-        f'turns of {args.block} steps (the last timed) after {args.warmup} warm-up')
+        f'turns of {args.block} steps (the last timed) after {args.warmup} warm-up, in each of '
+        f'{args.processes} fresh set(s) of worker processes')
   compared_to = ' '.join(filter(None, [f'at {args.compare_tree}' if args.compare_tree else '',
                                        f'with {args.compare_xla_flags}'
                                        if args.compare_xla_flags else '']))
