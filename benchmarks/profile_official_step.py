@@ -74,9 +74,7 @@ def main():
   print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; R{args.resnet} '
         f'{args.shape} batch {args.batch}, M = 2 (the official model runs each branch on its '
         f'own batch): step {untraced:.2f} s untraced; op time {total / 1e3:.2f} s')
-  print('| kind | op time (ms) | share |\n|---|---|---|')
-  for kind, ms in by_kind.most_common():
-    print(f'| {kind} | {ms:.0f} | {100 * ms / total:.1f}% |')
+  print(train_step.share_table(by_kind))
   print('\n| op | input shapes | calls | op time (ms) |\n|---|---|---|---|')
   for event in by_shape:
     shapes = ', '.join(str(s) for s in event.input_shapes if s)

@@ -113,9 +113,7 @@ def main():
   print(f'jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cpus; '
         f'R{args.resnet} {args.shape} batch {args.batch}, M = 2: step {untraced:.2f} s '
         f'untraced; op time {total / 1e3:.2f} s; trace {trace}')
-  print('| kind | op time (ms) | share |\n|---|---|---|')
-  for kind, ms in by_kind.most_common():
-    print(f'| {kind} | {ms:.0f} | {100 * ms / total:.1f}% |')
+  print(train_step.share_table(by_kind))
   print('\n| kind | output shape | ops | op time (ms) |\n|---|---|---|---|')
   for (kind, shape), ms in by_shape.most_common(args.top):
     print(f'| {kind} | {shape} | {count[kind, shape]} | {ms:.0f} |')

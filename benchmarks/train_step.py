@@ -262,6 +262,15 @@ def process_ratios(results, of, to):
   return f' ({min(ratios):.2f}-{max(ratios):.2f}x)' if len(ratios) > 1 else ''
 
 
+def share_table(op_ms) -> str:
+  """A markdown table of op time by kind ({kind: ms}) and each kind's share, largest first
+  (benchmarks/profile_step.py and profile_official_step.py)."""
+  total = sum(op_ms.values())
+  return '\n'.join(['| kind | op time (ms) | share |', '|---|---|---|'] + [
+      f'| {kind} | {ms:.0f} | {100 * ms / total:.1f}% |'
+      for kind, ms in sorted(op_ms.items(), key=lambda item: -item[1])])
+
+
 def table(results, compared_to=''):
   other = (f' | cen-jax {compared_to} (s) | speed-up vs it') if compared_to else ''
   rows = ['| case | official PyTorch (s) | cen-jax (s) | cen-jax speed vs official '
