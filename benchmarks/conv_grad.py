@@ -153,22 +153,19 @@ def im2col_table(shapes, repeats):
           f'| {both[0]:.1f} | {both[1]:.1f} | {both[0] / both[1]:.2f}x | {"yes" if used else "no"} |')
 
 
-KERNEL_GRAD_FORMS = ('per tap', 'shifted cotangent', 'winograd')
-
-
 def kernel_grad_forms_table(shapes, repeats):
   """Every matmul form of the kernel gradient of a 3x3 padding-1 conv on every shape, against
   XLA's, and the one `layers.conv_matmul_kernel_grad` takes ('-': XLA's own is used)."""
   print('\n| [N, H, W, C_in, C_out] | XLA (ms) | ' + ' | '.join(f'{name} (ms)' for name in
-                                                              KERNEL_GRAD_FORMS)
+                                                              layers.MATMUL_KERNEL_GRAD_FORMS)
         + ' | taken in the step |')
-  print('|---' * (len(KERNEL_GRAD_FORMS) + 3) + '|')
+  print('|---' * (len(layers.MATMUL_KERNEL_GRAD_FORMS) + 3) + '|')
   for text in shapes:
     x, kernel, g = layer_inputs(text)
     cin = kernel.shape[2]
     cells = [median_ms(backward(lambda x, k: layers.conv(x, k, 1, 1), 'kernel'), (x, kernel, g),
                        repeats)[0]]
-    for form in KERNEL_GRAD_FORMS:
+    for form in layers.MATMUL_KERNEL_GRAD_FORMS:
       run = lambda x, g, form=form: layers.matmul_kernel_grad(x, g, (3, 3), 1, form)
       cells.append(median_ms(run, (x, g), repeats)[0])
     if layers.use_im2col(x.shape, 3, 1, 1):

@@ -104,6 +104,7 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 # XLA's own is about as fast (Winograd gains 10 ms at [4, 64, 64, 64] -> 64 and loses on
 # 16x16 maps). benchmarks/conv_grad.py measures them all.
 MIN_MATMUL_GRAD_CHANNELS = 128
+MATMUL_KERNEL_GRAD_FORMS = ('per tap', 'shifted cotangent', 'winograd')
 
 
 def use_matmul_kernel_grad(in_features: int) -> bool:
@@ -154,7 +155,8 @@ def matmul_kernel_grad(x, g, kernel_hw, padding, form=None):
     return _shifted_cotangent_kernel_grad(padded, g, kh, kw)
   if form == 'per tap':
     return per_tap_kernel_grad(padded, g, kh, kw)
-  raise ValueError(f"form={form!r}: expected 'winograd', 'shifted cotangent' or 'per tap'")
+  names = ', '.join(map(repr, MATMUL_KERNEL_GRAD_FORMS))
+  raise ValueError(f'form={form!r}: expected one of {names}')
 
 
 def per_tap_kernel_grad(padded, g, kh, kw):
