@@ -159,6 +159,7 @@ def main(argv):
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.config is None:
     fail('--config is required (e.g. --config configs/demo.py)')
+  host_memory.use_async_cpu_dispatch_of(FLAGS.config)  # before the first computation
   try:
     run(FLAGS.config, FLAGS.workdir)
   except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:

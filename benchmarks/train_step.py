@@ -62,13 +62,16 @@ class JaxStep:
   mesh, as the runner does) or the eval-mode forward pass."""
 
   def __init__(self, case):
+    from cen_jax import host_memory
+    config = jax_config(case)
+    host_memory.use_async_cpu_dispatch_of(config)  # as main.py does, before any computation
     import jax
     from jax.sharding import Mesh, PartitionSpec as P
     import numpy as np
     from cen_jax import train as train_lib
     from cen_jax.tasks import segmentation
 
-    config = jax_config(case)
+    sys.stderr.write(f'cen-jax worker: jax {jax.__version__}, backend {jax.default_backend()}\n')
     model = segmentation.build(config)
     variables = segmentation.init_variables(config, model, jax.random.key(0))
     x, mask = synthetic_batch(case)
@@ -140,9 +143,6 @@ def jax_worker():
     host_memory.keep_freed_host_memory()
   except ImportError:
     pass
-  import jax
-  import jaxlib
-  sys.stderr.write(f'cen-jax worker: jax {jax.__version__}, backend {jax.default_backend()}\n')
   serve(JaxStep)
 
 

@@ -221,6 +221,7 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.ERROR)
   warnings.filterwarnings('ignore')
+  host_memory.use_async_cpu_dispatch_of(FLAGS.config)  # as main.py does
   try:
     lines = ablate(FLAGS.config, FLAGS.workdir, FLAGS.fusions, FLAGS.seeds)
   except Interrupted as e:

