@@ -14,9 +14,9 @@ glibc serves a larger request there with its own mmap, unmapped when freed, what
 settings above. With JAX's asynchronous dispatch, XLA:CPU runs a computation on such a worker
 thread, so a step's temporaries were mapped and faulted in afresh every step: 525,000 page faults
 and 0.85 s of system time per ResNet-50 step at 256x256 (2 GiB of temporaries), 153,000 and
-0.25 s at 128x128. `use_async_cpu_dispatch(False)` makes XLA:CPU run single-device computations
-on the calling thread, whose arena is the main one (the brk heap, grown as needed): 200 faults per
-step at either size. The host then no longer prepares the next batch while a step runs, which
+0.25 s at 128x128. With config.train.cpu_async_dispatch = False, `use_async_cpu_dispatch_of`
+makes XLA:CPU run single-device computations on the calling thread, whose arena is the main one
+(the brk heap, grown as needed): 200 faults per step at either size. The host then no longer prepares the next batch while a step runs, which
 costs small steps more than they gain (config.train.cpu_async_dispatch).
 """
 
@@ -47,17 +47,12 @@ def keep_freed_host_memory() -> bool:
   return all([mallopt(param, value) == 1 for param, value in SETTINGS])
 
 
-def use_async_cpu_dispatch(enabled: bool) -> None:
-  """Whether XLA:CPU runs single-device computations on a worker thread (JAX's default) or on
-  the calling thread (above). JAX reads it when it starts the CPU client: call it before the
-  first computation; later calls change nothing in this process."""
-  import jax  # pylint: disable=g-import-not-at-top: after keep_freed_host_memory
-  jax.config.update('jax_cpu_enable_async_dispatch', bool(enabled))
-
-
 def use_async_cpu_dispatch_of(config) -> None:
-  """`use_async_cpu_dispatch(config.train.cpu_async_dispatch)`; a config without the key keeps
-  JAX's setting."""
+  """Whether XLA:CPU runs single-device computations on a worker thread (JAX's default) or on
+  the calling thread (above): config.train.cpu_async_dispatch; a config without the key keeps
+  JAX's setting. JAX reads it when it starts the CPU client: call it before the first
+  computation; later calls change nothing in this process."""
   enabled = config.get('train', {}).get('cpu_async_dispatch')
   if enabled is not None:
-    use_async_cpu_dispatch(enabled)
+    import jax  # pylint: disable=g-import-not-at-top: after keep_freed_host_memory
+    jax.config.update('jax_cpu_enable_async_dispatch', bool(enabled))

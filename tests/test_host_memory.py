@@ -65,7 +65,7 @@ def test_cpu_dispatch_follows_the_config(config_file, expected):
     config = importlib.import_module(f'configs.{config_file}').get_config()
     host_memory.use_async_cpu_dispatch_of(config)
     assert jax.config.read('jax_cpu_enable_async_dispatch') is expected
-    host_memory.use_async_cpu_dispatch(not expected)
+    jax.config.update('jax_cpu_enable_async_dispatch', not expected)
     host_memory.use_async_cpu_dispatch_of(ml_collections.ConfigDict({'eval': {'batch_size': 2}}))
     assert jax.config.read('jax_cpu_enable_async_dispatch') is (not expected)
   finally:
