@@ -110,7 +110,7 @@ def main():
     by_shape[key] += event['dur'] / 1e3
     count[key] += 1
   total = sum(by_kind.values())
-  print(f'jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cpus; '
+  print(f'jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} x {train_step.cpu_model()}; '
         f'R{args.resnet} {args.shape} batch {args.batch}, M = 2: step {untraced:.2f} s '
         f'untraced; op time {total / 1e3:.2f} s; trace {trace}')
   print(train_step.share_table(by_kind))

@@ -262,6 +262,22 @@ def process_ratios(results, of, to):
   return f' ({min(ratios):.2f}-{max(ratios):.2f}x)' if len(ratios) > 1 else ''
 
 
+def cpu_model() -> str:
+  """The CPU's model name, family and model number (/proc/cpuinfo), as run-to-run figures on
+  this kind of machine depend on which CPU it got (under KVM the name alone can be bare)."""
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    return 'unknown CPU'
+  family, model = fields.get('cpu family'), fields.get('model')
+  return ' '.join(filter(None, [fields.get('model name', 'unknown CPU'),
+                                family and f'(family {family}, model {model})']))
+
+
 def share_table(op_ms) -> str:
   """A markdown table of op time by kind ({kind: ms}) and each kind's share, largest first
   (benchmarks/profile_step.py and profile_official_step.py)."""
@@ -338,7 +354,7 @@ def main():
   print(f"parameters: cen-jax {first['jax']['params']:,}" +
         (f", official {first['torch']['params']:,} (torch {first['torch']['version']}, "
          f"{first['torch']['threads']} threads)" if 'torch' in first else ''))
-  print(f'cpus: {os.cpu_count()}, load average at the end: '
+  print(f'cpus: {os.cpu_count()} x {cpu_model()}, load average at the end: '
         f'{" ".join(f"{v:.2f}" for v in os.getloadavg())}; median of {args.steps} alternated '
         f'turns of {args.block} steps (the last timed) after {args.warmup} warm-up, in each of '
         f'{args.processes} fresh set(s) of worker processes')
