@@ -110,9 +110,10 @@ def main():
     by_shape[key] += event['dur'] / 1e3
     count[key] += 1
   total = sum(by_kind.values())
-  print(f'jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} x {train_step.cpu_model()}; '
-        f'R{args.resnet} {args.shape} batch {args.batch}, M = 2: step {untraced:.2f} s '
-        f'untraced; op time {total / 1e3:.2f} s; trace {trace}')
+  print(f'jax {jax.__version__}, {jax.default_backend()}, '
+        f'{os.cpu_count()} x {train_step.cpu_model()}; R{args.resnet} {args.shape} batch '
+        f'{args.batch}, M = 2: step {untraced:.2f} s untraced; op time {total / 1e3:.2f} s; '
+        f'trace {trace}')
   print(train_step.share_table(by_kind))
   print('\n| kind | output shape | ops | op time (ms) |\n|---|---|---|---|')
   for (kind, shape), ms in by_shape.most_common(args.top):

@@ -16,8 +16,11 @@ thread, so a step's temporaries were mapped and faulted in afresh every step: 52
 and 0.85 s of system time per ResNet-50 step at 256x256 (2 GiB of temporaries), 153,000 and
 0.25 s at 128x128. With config.train.cpu_async_dispatch = False, `use_async_cpu_dispatch_of`
 makes XLA:CPU run single-device computations on the calling thread, whose arena is the main one
-(the brk heap, grown as needed): 200 faults per step at either size. The host then no longer prepares the next batch while a step runs, which
-costs small steps more than they gain (config.train.cpu_async_dispatch).
+(the brk heap, grown as needed): 200 faults per step at either size. The host then no longer
+prepares the next batch while a step runs, which costs small steps more than they gain
+(config.train.cpu_async_dispatch). In some processes the heap grows once by a whole step's
+temporaries, which then stay resident twice (README, "Host memory": glibc's memalign cannot reuse
+the freed block when it has not merged into the top of the heap).
 """
 
 import ctypes
