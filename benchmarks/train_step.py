@@ -138,11 +138,8 @@ def serve(make_step):
 
 def jax_worker():
   sys.path.insert(0, ROOT)
-  try:  # as main.py does (trees from before cen_jax/host_memory.py: the allocator as it is)
-    from cen_jax import host_memory
-    host_memory.keep_freed_host_memory()
-  except ImportError:
-    pass
+  from cen_jax import host_memory  # every tree runs its own copy of this script
+  host_memory.keep_freed_host_memory()  # as main.py does, before JAX starts its threads
   serve(JaxStep)
 
 
