@@ -168,9 +168,11 @@ def generate_examples(manual_dir: str, list_path: str, *, num_classes: int,
                       mask_fallback: bool = False,
                       normals_dir: str = '') -> Iterator[tuple[int, dict]]:
   """(key, example) for each list entry, in list order (key = line position). Every example is
-  checked (labels in [0, num_classes) or 255, rgb and depth of one size, then `check`) before
-  it is yielded, so a bad file fails the prepare, which leaves nothing behind. With
-  `normals_dir`, each example also gets the normals `normals_path` names (rgb's size)."""
+  checked (labels in [0, num_classes) or 255, then the dataset's `check`) before it is yielded,
+  so a bad file fails the prepare, which leaves nothing behind. rgb and depth are stored at
+  their own sizes: as in the official pipeline, each is aligned to the mask on its own when
+  read (input_pipeline.align_to_mask), so they need not match each other. With `normals_dir`,
+  each example also gets the normals `normals_path` names (rgb's size)."""
   entries = read_list(list_path)
   if normals_dir:
     for rgb_rel, _, _ in entries:
@@ -204,7 +206,6 @@ def generate_examples(manual_dir: str, list_path: str, *, num_classes: int,
     }
     paths = (os.path.join(manual_dir, rgb_rel), mask_path, os.path.join(manual_dir, depth_rel))
     check_labels(example['mask'], mask_path, num_classes)
-    check_same_size(example, paths)
     if normals_dir:
       example['normals'] = png_bytes(read_normals(
           normals_path(manual_dir, normals_dir, rgb_rel), example['rgb'].shape[:2]))
@@ -231,14 +232,6 @@ def check_labels(mask: np.ndarray, path: str, num_classes: int) -> None:
     raise DatasetFileError(f'{path}: label {values[0]} at row {y}, column {x} is outside '
                            f'[0, {num_classes}) and is not the ignore label {IGNORE_LABEL} '
                            f'(bad labels: {values[:8]})')
-
-
-def check_same_size(example: dict, paths: tuple) -> None:
-  """rgb and depth of one example are images of the same scene: the same size."""
-  rgb, depth = example['rgb'].shape[:2], example['depth'].shape[:2]
-  if rgb != depth:
-    raise DatasetFileError(f'{paths[2]}: depth is {depth[0]}x{depth[1]} but its rgb {paths[0]} '
-                           f'is {rgb[0]}x{rgb[1]}')
 
 
 def check_not_smaller_than_mask(example: dict, paths: tuple) -> None:

@@ -7,7 +7,9 @@ separate validation split: the official code selects checkpoints on the test lis
 Features: `rgb` uint8 HxWx3 (PNG), `depth` uint16 HxW raw PNG values (zlib tensor; the pipeline
 multiplies them by config.data.depth_scale = 1/5000), `mask` uint8 HxW (zlib tensor, 255 =
 ignore), `name` (the rgb path relative to the manual dir). Images keep their own size; inputs
-larger than the mask are centre-cropped to it at training time (official CropAlignToMask).
+larger than the mask are centre-cropped to it, each on its own, when read (official
+CropAlignToMask), so rgb and depth may differ in size. Only an input smaller than its mask is
+refused, in one line naming it (the official crop would fail on it).
 Examples keep list order (index i of a split is line i of its list).
 
 BuilderConfigs: 'default' (the above) and 'multitask' (config.data.builder_config =

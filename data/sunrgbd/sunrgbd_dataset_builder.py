@@ -4,7 +4,10 @@ Splits: `train` (5,285 images, from train.txt) and `test` (5,050 images, from te
 val.txt when test.txt is absent). The official CEN code ships no SUN lists or config, only hooks
 that this builder and `cen_jax.input_pipeline` reproduce:
   * inputs are resized to the mask's size (ResizeAlignToMask: rgb cubic, depth nearest), not
-    centre-cropped (ALIGN_TO_MASK = 'resize');
+    centre-cropped (ALIGN_TO_MASK = 'resize'), each input on its own, so rgb and depth may
+    differ in size. The official transform asserts that the mask and every input are square
+    and scales by mask height / input height; here each input is resized to the mask's exact
+    height and width, which is the same for square images and also takes non-square ones;
   * depth option `depth_scale = -2`: per-image min-max stretch of depth to [0, 255] (set
     config.data.depth_scale = -2 for SUN to follow the official hook);
   * mask-index fallback: if the mask named in a list does not exist and its file name ends in a
