@@ -7,7 +7,8 @@ official PyTorch checkpoint file(s), into an orbax checkpoint in --workdir), exp
 workdir's checkpoint to official-style PyTorch state_dict(s) at --output), fid (FID/KID between
 two image folders given as --inputs, with config.eval.inception_weights), scales (the norm
 scales under the exchange threshold over training and per layer, and their histograms:
-<workdir>/norm_scales.png).
+<workdir>/norm_scales.png), check (whether the workdir's final eval_results.json falls in the
+range the config expects, `config.expected`; exit status 1 when it does not).
 
 `config.task` picks the task (cen_jax/tasks/): 'segmentation' or 'translation'.
 """
@@ -25,7 +26,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export', 'fid', 'scales')
+MODES = ('train', 'eval', 'predict', 'summary', 'prepare', 'import', 'export', 'fid', 'scales',
+         'check')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -83,13 +85,14 @@ def run(config, workdir: str) -> None:
   from cen_jax import tasks, train
   task = tasks.get(config)
   train.check_config(config)
+  # Several processes (config.distributed): before any JAX computation.
+  train.maybe_initialize_distributed(config)
   if mode == 'summary':
     for line in task.summary(config):
       print(line)
     return
   if mode == 'prepare':
-    from cen_jax import input_pipeline
-    input_pipeline.prepare(config)
+    train.prepare_dataset(config)  # process 0 writes, the others wait
     print(f'prepared {config.data.name!r} in {config.data.data_dir}')
     return
   if mode == 'fid':
@@ -107,10 +110,12 @@ def run(config, workdir: str) -> None:
     train.train_and_evaluate(config, workdir)
   elif mode == 'eval':
     model = train.build(config)
+    train.prepare_dataset(config)
     variables, step = train.restore_variables(config, workdir, model, FLAGS.checkpoint)
     results = train.evaluate(config, model, variables, split=config.data.eval_split,
                              step=step, workdir=workdir)
-    for name, scores in results['metrics'].items():
+    import jax
+    for name, scores in results['metrics'].items() if jax.process_index() == 0 else ():
       print(f'{name:>10}: ' + '  '.join(f'{k} {v:.{task.RESULT_DIGITS}f}'
                                          for k, v in scores.items()))
   elif mode == 'predict':
@@ -140,6 +145,16 @@ def run(config, workdir: str) -> None:
       print(f'{name:>12}  ' + '  '.join(f'{v:12.3f}' for v in row))
     print(f'fraction of penalised scales under {config.model.threshold} at step {step}; '
           f'figure: {path}')
+  elif mode == 'check':
+    from cen_jax import expected, input_pipeline
+    steps_per_epoch = (input_pipeline.num_examples(config, config.data.train_split) //
+                       config.train.batch_size)
+    lines, inside = expected.check_workdir(
+        config, workdir, num_steps=task.total_steps(config, steps_per_epoch),
+        digits=task.RESULT_DIGITS)
+    print('\n'.join(lines))
+    if not inside:
+      sys.exit(1)
   elif mode == 'export':
     if not FLAGS.output:
       fail('--mode=export needs --output PATH')

@@ -119,15 +119,19 @@ def prepare(config, *, force: bool = False) -> str:
   """Build config.data.name into config.data.data_dir once; returns the prepared directory.
 
   Idempotent: an existing prepared dataset is reused (force=True rebuilds it). The dataset is
-  built in a temporary directory next to the target and moved into place with a rename, so an
-  interrupted or failed prepare never touches a previously prepared copy. A missing or corrupt
-  input file raises one `DatasetFileError` whose message starts with that file's path.
+  built in a temporary directory under data_dir, moved into <data_dir>/.prepared/ and the
+  returned path (the TFDS layout) made a symlink to it in one atomic step (see STORE), so an
+  interrupted or failed prepare, forced or not, leaves the previously prepared dataset
+  readable there. A missing or corrupt input file raises one `DatasetFileError` whose message
+  starts with that file's path. With several processes, call it from process 0 only and let
+  the others wait (cen_jax.train.prepare_dataset).
   """
   target = prepared_dir(config)
+  data_dir = os.path.abspath(config.data.data_dir)
+  _recover(target, data_dir)
   if _is_prepared(target) and not force:
     return target
   import tensorflow_datasets as tfds
-  data_dir = os.path.abspath(config.data.data_dir)
   os.makedirs(data_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.prepare-{config.data.name}-', dir=data_dir)
   error_type = _file_error_type()
@@ -155,29 +159,106 @@ def prepare(config, *, force: bool = False) -> str:
       raise
     built = os.fspath(builder.data_dir)
     _write_shapes(built)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    if _is_prepared(target):  # force=True: swap, then delete the old copy
-      trash = f'{target}.old-{uuid.uuid4().hex[:8]}'
-      os.rename(target, trash)
-      os.rename(built, target)
-      shutil.rmtree(trash, ignore_errors=True)
-    else:
-      if os.path.isdir(target) and not _is_prepared(target):
-        try:  # an empty leftover; prepare never leaves a partial dataset here itself
-          os.rmdir(target)
-        except OSError:
-          if not _is_prepared(target):  # (else a concurrent prepare just finished)
-            raise error_type(f'{target}: exists but holds no prepared dataset (no '
-                             f'dataset_info.json); remove it and prepare again') from None
-      if not _is_prepared(target):
-        try:
-          os.rename(built, target)
-        except OSError:
-          if not _is_prepared(target):  # not a concurrent prepare that won the race
-            raise
+    _place(built, target, data_dir, error_type)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return target
+
+
+# Prepared copies live in <data_dir>/.prepared/<key>-<time>-<id>, and the TFDS path of the
+# dataset (`prepared_dir`) is a relative symlink to one of them: a forced re-prepare swaps the
+# link in one atomic os.replace, so that path always holds the old or the new dataset, whatever
+# point a crash stops it at. <key> is the TFDS path under data_dir with '-' for '/'.
+STORE = '.prepared'
+
+
+def _store_key(target: str, data_dir: str) -> str:
+  return os.path.relpath(target, data_dir).replace(os.sep, '-')
+
+
+def _copies(store: str, key: str) -> list[str]:
+  """The prepared copies of `key` in the store, oldest first."""
+  import re
+  pattern = re.compile(re.escape(key) + r'-(\d{20})-[0-9a-f]+')
+  try:
+    names = os.listdir(store)
+  except FileNotFoundError:
+    return []
+  return [os.path.join(store, n) for n in sorted(n for n in names if pattern.fullmatch(n))]
+
+
+def _new_copy_name(store: str, key: str, stamp: int | None = None) -> str:
+  import time
+  stamp = time.time_ns() if stamp is None else stamp
+  return os.path.join(store, f'{key}-{stamp:020d}-{uuid.uuid4().hex[:8]}')
+
+
+def _link(target: str, copy: str, *, replace: bool) -> bool:
+  """Points `target` at `copy` atomically: replacing what is there (os.replace of a new link)
+  or only if nothing is (os.symlink; False when something already was)."""
+  relative = os.path.relpath(copy, os.path.dirname(target))
+  if not replace:
+    try:
+      os.symlink(relative, target, target_is_directory=True)
+    except FileExistsError:
+      return False
+    return True
+  new = f'{target}.link-{uuid.uuid4().hex[:8]}'
+  os.symlink(relative, new, target_is_directory=True)
+  os.replace(new, target)
+  return True
+
+
+def _place(built: str, target: str, data_dir: str, error_type) -> None:
+  """Moves a built dataset into the store and points `target` at it (see STORE); older copies
+  of the dataset are then deleted. A real directory at `target` (prepared by an older
+  cen-jax, or `tfds build`) first moves into the store as its oldest copy: a crash before the
+  link is made leaves it findable there, and the next prepare links the newest copy."""
+  store = os.path.join(data_dir, STORE)
+  key = _store_key(target, data_dir)
+  os.makedirs(store, exist_ok=True)
+  copy = _new_copy_name(store, key)
+  os.rename(built, copy)
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  if os.path.isdir(target) and not os.path.islink(target):
+    if _is_prepared(target):  # forced re-prepare over a real directory
+      os.rename(target, _new_copy_name(store, key, stamp=0))
+    else:
+      try:  # an empty leftover; prepare never leaves a partial dataset here itself
+        os.rmdir(target)
+      except OSError:
+        if not _is_prepared(target):  # (else a concurrent prepare just finished)
+          shutil.rmtree(copy, ignore_errors=True)
+          raise error_type(f'{target}: exists but holds no prepared dataset (no '
+                           f'dataset_info.json); remove it and prepare again') from None
+  if os.path.islink(target):  # a forced re-prepare, or a link whose copy is gone
+    _link(target, copy, replace=True)
+  elif not _link(target, copy, replace=False):  # a concurrent prepare linked its copy first
+    shutil.rmtree(copy, ignore_errors=True)
+    if not _is_prepared(target):
+      raise error_type(f'{target}: exists but holds no prepared dataset (no '
+                       f'dataset_info.json); remove it and prepare again')
+    return
+  current = os.path.realpath(target)
+  for old in _copies(store, key):
+    if old < copy and os.path.realpath(old) != current:
+      shutil.rmtree(old, ignore_errors=True)
+  import glob
+  for stray in glob.glob(glob.escape(target) + '.link-*'):  # a crash's unused new link
+    if os.path.islink(stray):
+      os.remove(stray)
+
+
+def _recover(target: str, data_dir: str) -> None:
+  """After a crash of a forced re-prepare over a real directory between its two steps the
+  dataset path is empty and the prepared copies wait in the store: link the newest."""
+  if _is_prepared(target) or (os.path.lexists(target) and not os.path.islink(target)):
+    return
+  copies = [c for c in _copies(os.path.join(data_dir, STORE), _store_key(target, data_dir))
+            if _is_prepared(c)]
+  if copies:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    _link(target, copies[-1], replace=os.path.islink(target))
 
 
 @contextlib.contextmanager
@@ -236,7 +317,7 @@ _SHAPES_CACHE: dict = {}
 
 
 def _mask_shapes(directory: str, split: str) -> list:
-  key = (directory, split)
+  key = (os.path.realpath(directory), split)  # a forced re-prepare links another copy
   if key not in _SHAPES_CACHE:
     path = os.path.join(directory, SHAPES_FILE)
     shapes = None

@@ -162,7 +162,8 @@ def local_eval_fn(config, fn: Callable, keys, *, reduced_outputs) -> Callable:
 
   reduced_outputs: per output of `fn`, True when it is a reduction over the batch (returned
   replicated), False when it keeps the batch axis (left where XLA puts it).
-  Returns run(variables, host_batch) with attributes num_devices and replicated.
+  Returns run(variables, host_batch) with attributes num_devices, replicated and place (puts
+  replicated values, e.g. the train state's variables, on this process's devices).
   """
   devices = jax.local_devices()
   mesh = Mesh(np.asarray(devices), (AXIS,))
@@ -176,7 +177,36 @@ def local_eval_fn(config, fn: Callable, keys, *, reduced_outputs) -> Callable:
 
   run.num_devices = len(devices)
   run.replicated = replicated
+  run.place = lambda tree: jax.device_put(local_replica(tree), replicated)
   return run
+
+
+def global_replicated(tree):
+  """Replicated values as global arrays over every process's devices (`replicated_sharding()`).
+
+  pmap's `out_axes=None` outputs are host-local arrays: with several processes orbax will not
+  save them, and a jit over the global mesh will not take them. This reuses their local buffers
+  (no copy) and returns arrays that are already global (shard_map's outputs, a restored state)
+  as they are. Identity on one process. Called only where needed (saves, the optimiser reset),
+  never per step."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return multihost_utils.host_local_array_to_global_array(tree, replicated_sharding().mesh, P())
+
+
+def local_replica(tree):
+  """This process's copy of replicated values: a global array spanning other processes' devices
+  (shard_map's outputs, a restored state) becomes its first local shard, other leaves stay as
+  they are. Evaluation runs on the local devices: moving a global array there would be a
+  cross-host device transfer, which backends need not support (XLA:CPU does not)."""
+  def local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f'expected a replicated array, got sharding {x.sharding}')
+      return x.addressable_data(0)
+    return x
+  return jax.tree.map(local, tree)
 
 
 def sum_over_processes(array: np.ndarray) -> np.ndarray:
@@ -205,8 +235,8 @@ def write_eval_outputs(config, results, *, workdir=None, writer=None, preview=No
 
 def maybe_initialize_distributed(config):
   """jax.distributed.initialize when the config or the environment asks for it."""
-  d = config.distributed
-  if jax.distributed.is_initialized():
+  d = config.get('distributed')
+  if d is None or jax.distributed.is_initialized():
     return
   if d.initialize:
     kwargs = {}
@@ -214,6 +244,39 @@ def maybe_initialize_distributed(config):
       kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                     process_id=d.process_id)
     jax.distributed.initialize(**kwargs)
+
+
+PREPARE_TIMEOUT_HOURS = 48  # how long processes other than 0 wait for its prepare
+
+
+def prepare_dataset(config) -> str:
+  """`input_pipeline.prepare` once for all processes: process 0 prepares (a no-op when the
+  dataset is there) while the others wait for it, so one process writes; then the others find
+  the dataset (shared filesystem) or prepare their own copy (a data_dir local to each host).
+  If process 0 fails, the others stop with one line instead of waiting. Returns the prepared
+  directory."""
+  from cen_jax import input_pipeline
+  if jax.process_count() == 1:
+    return input_pipeline.prepare(config)
+  from jax._src import distributed  # the coordination service's key-value store (as orbax)
+  client = distributed.global_state.client
+  _prepare_calls[0] += 1  # every process calls this the same number of times
+  key = f'cen_jax/prepare/{_prepare_calls[0]}'
+  if jax.process_index() == 0:
+    try:
+      directory = input_pipeline.prepare(config)
+    except BaseException as e:
+      client.key_value_set(key, f'{type(e).__name__}: {e}'.splitlines()[0])
+      raise
+    client.key_value_set(key, 'ok')
+    return directory
+  status = client.blocking_key_value_get(key, PREPARE_TIMEOUT_HOURS * 3600 * 1000)
+  if status != 'ok':
+    raise ValueError(f'process 0 failed to prepare {config.data.name!r} ({status})')
+  return input_pipeline.prepare(config)
+
+
+_prepare_calls = [0]
 
 
 def replicated_sharding():
@@ -246,6 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   maybe_initialize_distributed(config)
   task = _task(config)
   model = build(config)
+  prepare_dataset(config)
   steps_per_epoch = input_pipeline.num_examples(config, config.data.train_split) // \
       config.train.batch_size
   if steps_per_epoch < 1:
@@ -276,6 +340,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   reset_opt = jax.jit(lambda params: task.reset_optimizer(config, params),
                       out_shardings=replicated_sharding())
   eval_fn = task.make_eval_fn(config, model)
+  if jax.process_index() == 0:  # the steps after the restored one are replayed: log them once
+    log_lib.truncate_metrics(workdir, first_step)
   writer = log_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
   progress = log_lib.ProgressBar(num_steps, initial=first_step,
                                  enabled=jax.process_index() == 0)
@@ -300,13 +366,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if preemption.reached(step):
         sync(step)
         if ckpts.latest_step() != step:
-          ckpts.save(step, state, meta, data_iterator=train_iter)
+          ckpts.save(step, global_replicated(state), meta, data_iterator=train_iter)
         ckpts.wait()
         progress.write(f'preempted: saved step {step} in {ckpts.directory}; run the same '
                        f'command to resume')
         break
       if step in starts[1:-1]:  # a new stage: fresh optimiser state (official)
-        state = state.replace(opt_state=reset_opt(state.params))
+        state = state.replace(opt_state=reset_opt(global_replicated(state.params)))
       state, scalars = runner.step(state, next(train_iter))
       pending.append(scalars)
       done = step + 1
@@ -320,11 +386,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                 split=config.data.eval_split, step=done, workdir=workdir,
                                 writer=writer, eval_fn=eval_fn)
         progress.write(f'step {done}: {task.progress_line(results)}')
-        ckpts.save(done, state, meta, data_iterator=train_iter,
+        ckpts.save(done, global_replicated(state), meta, data_iterator=train_iter,
                    metrics={task.BEST_METRIC: task.best_value(results)})
         window_start[0] = time.perf_counter()
       elif save_now:
-        ckpts.save(done, state, meta, data_iterator=train_iter)
+        ckpts.save(done, global_replicated(state), meta, data_iterator=train_iter)
         window_start[0] = time.perf_counter()
   finally:
     preemption.close()

@@ -282,7 +282,7 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
   devices and processes); eval_results.json and a preview when workdir is given."""
   from cen_jax import input_pipeline, train
   eval_fn = eval_fn or make_eval_fn(config, model)
-  variables = jax.device_put(variables, eval_fn.replicated)
+  variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
   total, preview = None, None
   batches = input_pipeline.eval_iterator(
       config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,

@@ -291,7 +291,7 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
   """
   from cen_jax import input_pipeline, train
   eval_fn = eval_fn or make_eval_fn(config, model)
-  variables = jax.device_put(variables, eval_fn.replicated)
+  variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
   names = output_names(config)
   conf = None
   preview = None

@@ -440,7 +440,7 @@ def evaluate(config, model, variables, *, split, step, workdir=None, writer=None
   eval_results.json and a preview."""
   from cen_jax import fid, input_pipeline, train
   eval_fn = eval_fn or make_eval_fn(config, model)
-  variables = jax.device_put(variables, eval_fn.replicated)
+  variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
   names = output_names(config)
   sums = np.zeros((2, len(names)), np.float64)  # per output: sum of per-image L1, of MSE
   count = 0
