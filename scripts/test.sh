@@ -13,7 +13,7 @@ if [ "${SKIP_TORCH_TESTS:-0}" != 1 ] && command -v python3.11 >/dev/null 2>&1; t
   "$TORCH_VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   if "$TORCH_VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-torch.txt; then
     "$TORCH_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_torch_io.py tests/test_pix2pix.py \
-      tests/test_translation_interop.py tests/test_fid_torch.py
+      tests/test_translation_interop.py tests/test_fid_torch.py tests/test_gan_two_steps.py
   else
     echo "torch could not be installed for Python 3.11: parity tests not run" >&2
     exit 1
