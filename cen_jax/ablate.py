@@ -23,6 +23,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cen_jax import logging as log_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                 lock_config=False)
@@ -75,12 +77,8 @@ def finished(workdir: str, num_steps: int) -> bool:
 
 def median_step_seconds(workdir: str) -> float:
   """Median of the logged per-step wall times, the first window (compilation) left out."""
-  times = []
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'time/step_seconds' in record:
-        times.append(record['time/step_seconds'])
+  times = [record['time/step_seconds'] for record in log_lib.read_metrics(workdir)
+           if 'time/step_seconds' in record]
   return float(np.median(times[1:] if len(times) > 1 else times)) if times else float('nan')
 
 

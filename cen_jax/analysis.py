@@ -4,12 +4,10 @@ logged `scales_below_threshold/<branch>` of metrics.jsonl) and per layer (from a
 and the |scale| histograms of the penalised and the free channels of every branch, as the
 paper's figures of the BN scaling factors."""
 
-import json
-import os
-
 import numpy as np
 
 from cen_jax import fusion
+from cen_jax import logging as log_lib
 
 
 def layer_fractions(named_scales, threshold: float) -> tuple[list, np.ndarray]:
@@ -28,14 +26,10 @@ def logged_fractions(workdir: str, branches) -> tuple[np.ndarray, np.ndarray]:
   """(steps [T], fractions [T, M]) of `scales_below_threshold/<branch>` in metrics.jsonl."""
   keys = [f'scales_below_threshold/{b}' for b in branches]
   steps, rows = [], []
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if all(k in record for k in keys):
-          steps.append(record['step'])
-          rows.append([record[k] for k in keys])
+  for record in log_lib.read_metrics(workdir):
+    if all(k in record for k in keys):
+      steps.append(record['step'])
+      rows.append([record[k] for k in keys])
   return np.asarray(steps), np.asarray(rows, np.float64).reshape(len(steps), len(keys))
 
 

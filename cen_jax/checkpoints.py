@@ -44,8 +44,36 @@ class CheckpointError(ValueError):
   """No checkpoint of the workdir can be restored (message names each step and why)."""
 
 
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint step's files are shown to be damaged (raised where orbax's own error does
+  not say so, e.g. a step without the input position it should hold)."""
+
+
+# tensorstore's status codes for a file that is missing, shorter than its index says, or whose
+# bytes fail to decode or to match their checksum.
+_DAMAGE_CODES = ('NOT_FOUND', 'OUT_OF_RANGE', 'DATA_LOSS')
+
+
+def is_damage(error: BaseException) -> bool:
+  """True when `error` (or what it was raised from) shows damaged checkpoint files: a missing
+  or truncated file, or one whose content does not decode or fails its checksum. Anything
+  else (out of memory, an I/O error of the storage, a bug) is not damage."""
+  while error is not None:
+    if isinstance(error, (DamagedCheckpointError, FileNotFoundError, json.JSONDecodeError,
+                          UnicodeDecodeError)):
+      return True
+    text = str(error.args[0]) if error.args else ''
+    if type(error) is ValueError and text.split(':', 1)[0] in _DAMAGE_CODES:
+      return True
+    if type(error) is KeyError and 'was not found in the checkpoint' in text:
+      return True  # a whole item (state/, meta/) is missing
+    error = error.__cause__
+  return False
+
+
 def failure_reason(error: BaseException, limit: int = 160) -> str:
-  """One short line for why a checkpoint failed to restore (tensorstore errors run to pages)."""
+  """One short line for why a checkpoint failed to restore (tensorstore errors run to pages;
+  the whole error goes to the workdir's restore log)."""
   text = ' '.join(str(error).split()) or type(error).__name__
   text = text.split(' [tensorstore_spec')[0]
   found = re.search(r'.*local file "([^"]+)": (.*)', text)  # the innermost file and error
@@ -145,10 +173,14 @@ class Checkpoints:
     return restored['meta']
 
   def _readable_meta(self, step: int) -> Optional[dict]:
+    """The step's meta, or None when its files are damaged (restore_first_intact reports
+    those); any other error is raised."""
     try:
       return self.meta(step)
-    except Exception:  # a damaged step: restore_first_intact reports it
-      return None
+    except Exception as e:
+      if is_damage(e):
+        return None
+      raise
 
   def best_step(self) -> Optional[int]:
     """The step with the best metric among kept checkpoints (latest if none has one)."""
@@ -171,20 +203,30 @@ class Checkpoints:
 
   def restore_first_intact(self, steps, abstract_state: Any, *, data_iterator=None,
                            set_aside: bool = False):
-    """(state, step) of the first of `steps` that restores. Each step that does not (a
-    truncated or missing file, an interrupted copy) is reported in one line on stderr; with
+    """(state, step) of the first of `steps` that restores.
+
+    A step whose files are damaged (`is_damage`: a truncated or missing file, a failed
+    checksum) is reported in one line on stderr, with its whole error and what the storage
+    layer printed in <workdir>/restore_errors.log, and the next step is tried; with
     `set_aside` such steps move to <workdir>/checkpoints_corrupt/ (kept, not deleted) so that
-    training can save those step numbers again. Raises CheckpointError when none restores."""
+    training can save those step numbers again. Any other error (out of memory, an I/O error, a
+    bug) is raised as it is, with nothing moved. Raises CheckpointError when no step restores.
+    """
     failures = []
     for step in steps:
       try:
-        with _stderr_kept_unless_failed():
+        with _stderr_kept_unless_failed() as captured:
+          self.meta(step)  # a step whose meta is damaged is damaged
           state = self.restore(step, abstract_state, data_iterator=data_iterator)
-      except Exception as e:  # whatever the storage layer raises for damaged files
+      except Exception as e:
+        if not is_damage(e):
+          sys.stderr.write(captured.get('stderr', ''))
+          raise
         failures.append((step, failure_reason(e)))
         _DAMAGED_STEP_NOISE.add(os.path.join(self.directory, str(step), ''))
+        log = self._log_failure(step, e, captured.get('stderr', ''))
         print(f'warning: checkpoint step {step} cannot be restored ({failures[-1][1]}); '
-              f'trying an older one', file=sys.stderr)
+              f'trying an older one{log}', file=sys.stderr)
         continue
       if set_aside and failures:
         self._set_aside([s for s, _ in failures])
@@ -194,15 +236,39 @@ class Checkpoints:
         f'step {s}: {reason}' for s, reason in failures) if failures else
         f'no checkpoint in {where}')
 
+  def _log_failure(self, step: int, error: BaseException, printed: str) -> str:
+    """Appends the whole error and the storage layer's output to <workdir>/restore_errors.log;
+    returns ' (details: PATH)', or '' when the log cannot be written."""
+    import datetime
+    import traceback
+    path = os.path.join(os.path.dirname(self.directory), 'restore_errors.log')
+    try:
+      with open(path, 'a') as f:
+        f.write(f'=== {datetime.datetime.now().isoformat(timespec="seconds")} step {step} in '
+                f'{self.directory}\n')
+        f.write(''.join(traceback.format_exception(error)))
+        if printed.strip():
+          f.write('--- printed by the storage layer during the restore:\n' + printed)
+        f.write('\n')
+    except OSError:
+      return ''
+    return f' (details: {path})'
+
   def _set_aside(self, steps) -> None:
+    """Moves `steps` to checkpoints_corrupt/: process 0 moves them (one shared workdir), every
+    process waits for it and reloads its step list."""
     self.manager.wait_until_finished()
-    aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt')
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target = os.path.join(aside, str(step))
-      if os.path.exists(target):
-        target = f'{target}.{len(os.listdir(aside))}'
-      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt')
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        if os.path.exists(target):
+          target = f'{target}.{len(os.listdir(aside))}'
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('cen_jax checkpoints set aside')
     self.manager.reload()
 
   def save(self, step: int, state, meta: dict, *, data_iterator=None,
@@ -217,15 +283,32 @@ class Checkpoints:
                       metrics=meta.get('metrics'), force=True)
 
   def restore(self, step: int, abstract_state: Any, *, data_iterator=None):
-    """Restore the state onto `abstract_state`'s shardings; set `data_iterator`'s position."""
+    """Restore the state onto `abstract_state`'s shardings; set `data_iterator`'s position.
+
+    Exact resume needs the input position saved with the step: a step without one (other than
+    an imported step 0, where the input starts from its beginning anyway) is damaged, and a
+    position saved by another number of processes raises CheckpointError."""
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
-      try:
+      data_dir = os.path.join(self.directory, str(step), 'data')
+      if not os.path.isdir(data_dir):
+        if step != 0:
+          raise DamagedCheckpointError(f'{data_dir}: missing (the input position of step {step})')
+      else:
+        process, count = jax.process_index(), jax.process_count()
+        mine = os.path.join(data_dir, f'process_{process}-of-{count}.json')
+        if not os.path.isfile(mine):
+          saved = sorted(os.listdir(data_dir))
+          if any(re.fullmatch(r'process_\d+-of-\d+\.json', name) and
+                 not name.endswith(f'-of-{count}.json') for name in saved):
+            raise CheckpointError(
+                f'{data_dir}: the input position was saved by another number of processes '
+                f'({", ".join(saved)}) than this run has ({count}); exact resume needs the same '
+                f'process count')
+          raise DamagedCheckpointError(f'{mine}: missing (the input position of step {step})')
         self.manager.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))))
-      except (ValueError, FileNotFoundError, KeyError) as e:  # e.g. another process count
-        print(f'warning: data iterator state not restored ({e}); input restarts its order')
     return restored['state']
 
   def wait(self):
@@ -240,20 +323,22 @@ class Checkpoints:
 
 @contextlib.contextmanager
 def _stderr_kept_unless_failed():
-  """Buffers file descriptor 2 for the duration of a restore. If the restore fails, what the
-  storage layer printed is dropped: orbax's pending reads and tensorstore's callbacks then log
-  pages of tracebacks ('Task exception was never retrieved', 'Event loop is closed') from
-  other threads, and `failure_reason` has already said what went wrong in one line. If it
-  succeeds, anything printed is passed on."""
+  """Buffers file descriptor 2 for the duration of a restore and yields a dict. If the restore
+  succeeds, anything printed is passed on. If it fails, what the storage layer printed is not
+  shown but kept in the dict's 'stderr' for the restore log: orbax's pending reads and
+  tensorstore's callbacks then print pages of tracebacks ('Task exception was never retrieved',
+  'Event loop is closed') from other threads, and the caller says what went wrong in one line
+  (or raises the error, when it is not damage)."""
   import gc
   import tempfile
   sys.stderr.flush()
   saved = os.dup(2)
+  captured = {}
   with tempfile.TemporaryFile() as buffer:
     os.dup2(buffer.fileno(), 2)
     failed = True
     try:
-      yield
+      yield captured
       failed = False
     finally:
       if failed:
@@ -262,9 +347,12 @@ def _stderr_kept_unless_failed():
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
-      if not failed:
-        buffer.seek(0)
-        sys.stderr.write(buffer.read().decode(errors='replace'))
+      buffer.seek(0)
+      printed = buffer.read().decode(errors='replace')
+      if failed:
+        captured['stderr'] = printed
+      else:
+        sys.stderr.write(printed)
         sys.stderr.flush()
 
 

@@ -50,6 +50,42 @@ def write_json_atomic(path: str, obj, *, indent: int = 2) -> None:
     f.write('\n')
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of <workdir>/metrics.jsonl ([] when there is none). A torn last line (a run
+  killed while writing it) is skipped; a bad line anywhere else raises ValueError naming it."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = f.read().split('\n')
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines):  # no newline after it: the last write was cut short
+        break
+      raise ValueError(f'{path}:{number}: not a JSON record ({e})') from None
+  return records
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+  """Keeps the records of <workdir>/metrics.jsonl up to `step` (a resumed run's restored step)
+  and drops a torn last line, so that the steps a resumed run replays are not logged twice.
+  Atomic: a crash leaves the old file or the new one."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  kept = [r for r in read_metrics(workdir) if r.get('step', 0) <= step]
+  with atomic_write(path, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in kept)
+
+
 class MetricWriter:
   """Scalars to <workdir>/metrics.jsonl and TensorBoard (<workdir>/tensorboard/).
 
@@ -66,8 +102,8 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(self.workdir, exist_ok=True)
-    # Append: a resumed run keeps its earlier history.
-    self._jsonl = open(os.path.join(self.workdir, 'metrics.jsonl'), 'a')
+    # Append: a resumed run keeps its earlier history (truncate_metrics drops what it replays).
+    self._jsonl = open(os.path.join(self.workdir, METRICS_FILE), 'a')
     from tensorboardX import SummaryWriter  # imported lazily: process 0 only
     self._tb = SummaryWriter(logdir=os.path.join(self.workdir, 'tensorboard'))
 

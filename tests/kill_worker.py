@@ -1,6 +1,8 @@
-"""Runs main.py's training in-process and signals itself inside training step `kill_at`.
+"""Runs main.py's training in-process, records each training step it makes, and signals itself
+inside training step `kill_at`.
 
-argv: kill_at[:SIGNAL] (SIGKILL unless e.g. '5:SIGTERM'), then main.py's flags.
+argv: kill_at[:SIGNAL] (SIGKILL unless e.g. '5:SIGTERM'; 'never' to only record), the file that
+gets one line per step made (the state's step count before it), then main.py's flags.
 """
 
 import os
@@ -9,8 +11,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 kill_at, _, signal_name = sys.argv.pop(1).partition(':')
-kill_at = int(kill_at)
+kill_at = None if kill_at == 'never' else int(kill_at)
+steps_file = sys.argv.pop(1)
 signum = getattr(signal, signal_name or 'SIGKILL')
+
+import jax  # noqa: E402
 
 from cen_jax import train  # noqa: E402
 
@@ -20,6 +25,8 @@ calls = {'n': 0}
 
 def step_then_die(self, state, batch):
   calls['n'] += 1
+  with open(steps_file, 'a') as f:  # written before the step: a kill inside it still counts
+    f.write(f'{int(jax.device_get(state.step))}\n')
   out = _step(self, state, batch)
   if calls['n'] == kill_at:
     os.kill(os.getpid(), signum)

@@ -93,17 +93,44 @@ def test_eval_mode_reproduces_training_eval(trained, data_dir):
   assert after == during
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):
-  workdir = str(tmp_path / 'killed')
-  worker = os.path.join(ROOT, 'tests', 'kill_worker.py')
-  killed = run_main('5', f'--config={CONFIG}', f'--workdir={workdir}', script=worker,
-                    data_dir=data_dir, check=False)
+WORKER = os.path.join(ROOT, 'tests', 'kill_worker.py')
+
+
+def worker_run(kill, *args, data_dir, check=True):
+  """main.py through tests/kill_worker.py, signalled inside training step `kill` ('never': not
+  at all): (process, the state's step before each training step the run made)."""
+  import tempfile
+  with tempfile.TemporaryDirectory() as scratch:
+    made = os.path.join(scratch, 'steps.txt')
+    proc = run_main(kill, made, *args, script=WORKER, data_dir=data_dir, check=check)
+    steps = [int(line) for line in open(made)] if os.path.exists(made) else []
+  return proc, steps
+
+
+def logged_steps(workdir):
+  from cen_jax import logging as log_lib
+  return [r['step'] for r in log_lib.read_metrics(workdir) if 'loss/total' in r]
+
+
+def check_kill_and_resume(config, trained, workdir, data_dir, *, num_steps=8):
+  """SIGKILL inside step 5, then resume: the rerun makes only the steps after the newest
+  checkpoint saved before the kill, logs each step once, and ends bit-identical to the
+  uninterrupted run."""
+  killed, made = worker_run('5', f'--config={config}', f'--workdir={workdir}',
+                            data_dir=data_dir, check=False)
   assert killed.returncode == -9, killed.stderr[-3000:]
+  assert made == [0, 1, 2, 3, 4]
   from cen_jax import checkpoints
   survived = checkpoints.Checkpoints(workdir, read_only=True).latest_step()
-  assert survived is not None and survived < 8
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
-  assert_same_final_state(trained, workdir, step=8)
+  assert survived is not None and 1 <= survived < num_steps  # saved before the kill
+  _, made = worker_run('never', f'--config={config}', f'--workdir={workdir}', data_dir=data_dir)
+  assert made == list(range(survived, num_steps))  # resumed, not restarted
+  assert logged_steps(workdir) == list(range(1, num_steps + 1))  # no step logged twice
+  assert_same_final_state(trained, workdir, step=num_steps)
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):
+  check_kill_and_resume(CONFIG, trained, str(tmp_path / 'killed'), data_dir)
 
 
 def test_command_line_overrides(data_dir):
@@ -145,10 +172,10 @@ def test_unknown_mode_is_one_line(data_dir):
   assert "'fly'" in line
 
 
-def tree_digest(directory):
+def tree_digest(directory, *, skip=()):
   digest = hashlib.sha256()
   for root, _, files in sorted(os.walk(directory)):
-    for name in sorted(files):
+    for name in sorted(set(files) - set(skip)):
       path = os.path.join(root, name)
       digest.update(path.encode())
       with open(path, 'rb') as f:
@@ -177,15 +204,18 @@ def test_eval_prints_only_the_results_table(trained, data_dir):
 def test_sigterm_saves_the_current_step_and_resume_is_bit_identical(tmp_path, trained,
                                                                     data_dir):
   workdir = str(tmp_path / 'preempted')
-  worker = os.path.join(ROOT, 'tests', 'kill_worker.py')
   no_periodic = '--config.train.checkpoint_every_steps=100'  # only the preemption saves step 3
-  proc = run_main('3:SIGTERM', f'--config={CONFIG}', f'--workdir={workdir}', no_periodic,
-                  script=worker, data_dir=data_dir)
+  proc, made = worker_run('3:SIGTERM', f'--config={CONFIG}', f'--workdir={workdir}',
+                          no_periodic, data_dir=data_dir)
   assert proc.returncode == 0
   assert 'preempted: saved step 3' in proc.stderr
+  assert made == [0, 1, 2]  # the signal inside step 3 stops the loop before step 4
   from cen_jax import checkpoints
   assert checkpoints.Checkpoints(workdir, read_only=True).all_steps() == [3]
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', no_periodic, data_dir=data_dir)
+  _, made = worker_run('never', f'--config={CONFIG}', f'--workdir={workdir}', no_periodic,
+                       data_dir=data_dir)
+  assert made == [3, 4, 5, 6, 7]
+  assert logged_steps(workdir) == list(range(1, 9))
   assert_same_final_state(trained, workdir, step=8)
 
 
@@ -230,8 +260,11 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, traine
   assert len(warnings) == 1 and 'checkpoint step 8 cannot be restored' in warnings[0], proc.stderr
   assert json.load(open(os.path.join(workdir, 'eval_results.json')))['step'] == 7
   # Resuming trains step 8 again from step 7 and ends where the intact run ended.
-  proc = run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
+  proc, made = worker_run('never', f'--config={CONFIG}', f'--workdir={workdir}',
+                          data_dir=data_dir)
+  assert made == [7]
   assert proc.stderr.count('cannot be restored') == 1
+  assert logged_steps(workdir) == list(range(1, 9))
   assert os.listdir(os.path.join(workdir, 'checkpoints_corrupt')) == ['8']
   assert_same_final_state(trained, workdir, step=8)
 
@@ -250,4 +283,7 @@ def test_no_intact_checkpoint_is_one_line_and_deletes_nothing(tmp_path, trained,
     errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
     assert len(errors) == 1 and 'no intact checkpoint' in errors[0], proc.stderr
     assert 'step 8' in errors[0] and 'step 7' in errors[0]
-  assert tree_digest(workdir) == before
+  # Only the log of why each step failed (whole errors) was added.
+  assert tree_digest(workdir, skip=['restore_errors.log']) == before
+  log = open(os.path.join(workdir, 'restore_errors.log')).read()
+  assert log.count('step 8 in') == log.count('step 7 in') == 2 and 'Traceback' in log

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_end_to_end import (assert_same_final_state, one_error_line,
-                                   run_main, train_run)
+from tests.test_end_to_end import (check_kill_and_resume, one_error_line, run_main,
+                                   train_run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'tests', 'configs', 'tiny_translation.py')
@@ -56,13 +56,7 @@ def test_eval_mode_reproduces_training_eval(trained, data_dir):
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):
-  workdir = str(tmp_path / 'killed')
-  worker = os.path.join(ROOT, 'tests', 'kill_worker.py')
-  killed = run_main('5', f'--config={CONFIG}', f'--workdir={workdir}', script=worker,
-                    data_dir=data_dir, check=False)
-  assert killed.returncode == -9, killed.stderr[-3000:]
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', data_dir=data_dir)
-  assert_same_final_state(trained, workdir, step=8)
+  check_kill_and_resume(CONFIG, trained, str(tmp_path / 'killed'), data_dir)
 
 
 def test_summary_counts_both_networks(data_dir):
