@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = 'segmentation'  # 'segmentation' | 'translation' (cen_jax/tasks/<task>.py)
   config.seed = 42
+  config.expected = ()  # (output, metric, mean, std) over seeds: what `--mode check` compares
   # Branch order: branch m of every stacked array is modality config.modalities[m].
   config.modalities = ('rgb', 'depth')
 
@@ -126,6 +127,7 @@ def translation_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = 'translation'
   config.seed = 42
+  config.expected = ()  # (output, metric, mean, std) over seeds: what `--mode check` compares
   config.modalities = ('reshading', 'edge_texture')  # official default: -i 2 7 0
   # Optional 'input>target' branches (cen_jax/branches.py), e.g. branches.cycle(domains) for
   # cycle fusion; empty: one branch per modality, all predicting config.data.target.

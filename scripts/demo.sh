@@ -11,3 +11,6 @@ CONFIG=configs/demo.py
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then CONFIG="$1"; shift; fi
 NAME="$(basename "$CONFIG" .py)"
 python main.py --config "$CONFIG" --workdir "${WORKDIR:-workdirs/$NAME}" "$@"
+if [ $# -eq 0 ]; then  # the config as shipped: are the figures where they should be?
+  python main.py --config "$CONFIG" --workdir "${WORKDIR:-workdirs/$NAME}" --mode check || true
+fi
