@@ -21,10 +21,8 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cen_jax import host_memory  # pylint: disable=wrong-import-position
 

@@ -9,12 +9,10 @@ translation crop), resized on device to 299x299 as pytorch-fid does; one row per
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def flops_per_image(compiled, batch: int) -> float:

@@ -10,13 +10,11 @@ background thread of the main process) and with N grain worker processes.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write_fake_nyudv2(root, count, seed=0):
@@ -45,10 +43,10 @@ def write_fake_nyudv2(root, count, seed=0):
 
 
 def measure(config, num_workers, batches, warmup=2):
-  from cen_jax import input_pipeline
+  from cen_jax import input_pipeline, tasks
   config = config.copy_and_resolve_references()
   config.data.num_workers = num_workers
-  it = input_pipeline.train_iterator(config, seed=0)
+  it = input_pipeline.train_iterator(config, tasks.get(config).train_sample(config), seed=0)
   try:
     for _ in range(warmup):  # worker start-up, imports, first decodes
       next(it)

@@ -197,7 +197,7 @@ def measure(case, args):
   """Median seconds over `args.processes` fresh sets of workers of `args.steps` alternated turns
   each (the last step of each turn), plus set-up figures and each set's ratios. Fresh processes,
   because one worker process can run 16% slower than another of the same code for its whole
-  life (README), which a single set would report as a difference between the trees."""
+  life (docs/benchmarks.md), which a single set would report as a difference between the trees."""
   runs = [measure_once(case, args) for _ in range(args.processes)]
   out = {}
   for k in runs[0]:

@@ -23,7 +23,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cen_jax import logging as log_lib
+from cen_jax import metrics as metrics_lib
+from cen_jax import run_log as log_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -31,23 +32,6 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Where the runs, ablation.md and ablation.png go.')
 flags.DEFINE_list('fusions', ['cen', 'none'], 'Registered fusions to compare.')
 flags.DEFINE_integer('seeds', 1, 'Runs per fusion (config.seed + 0, 1, ...).')
-
-# Per task (dense: per output task, the part of the output name after '>'): the metric plotted
-# (key, label, which is better) and the metrics tabulated.
-MAIN_METRIC = {'segmentation': ('miou', 'mIoU', 'higher'), 'semseg': ('miou', 'mIoU', 'higher'),
-               'translation': ('l1', 'L1', 'lower'), 'depth': ('rmse', 'depth RMSE', 'lower'),
-               'normals': ('mean', 'normals mean angle', 'lower')}
-TABLE_METRICS = {'segmentation': ('miou',), 'semseg': ('miou',),
-                 'translation': ('l1', 'rmse', 'fid', 'kid'),
-                 'depth': ('rmse', 'abs_rel', 'delta1'),
-                 'normals': ('mean', 'median', 'within_11.25')}
-
-
-def output_task(task: str, output: str) -> str:
-  """The key of MAIN_METRIC / TABLE_METRICS for one output of a run of `task`."""
-  from cen_jax import branches
-  return output.split(branches.SEPARATOR)[-1] if task == 'dense' else task
-
 
 class Interrupted(Exception):
   """A run stopped before its last step (SIGTERM): its checkpoint resumes it next time."""
@@ -84,9 +68,9 @@ def median_step_seconds(workdir: str) -> float:
 
 def param_count(config) -> int:
   import jax
-  from cen_jax import models, train
+  from cen_jax import models, tasks, train
   model = train.build(config)
-  task = train._task(config)
+  task = tasks.get(config)
   shapes = jax.eval_shape(lambda: task.init_variables(config, model, jax.random.key(0)))
   return models.count_params(shapes['params'])
 
@@ -99,21 +83,21 @@ def output_order(rows: list, preferred) -> list[str]:
   return [b for b in preferred if b in seen and b != 'ensemble'] + others + last
 
 
-def table_columns(rows: list, task: str, outputs: list) -> list[tuple]:
+def table_columns(rows: list, task, outputs: list) -> list[tuple]:
   """(output, metric) of every column: each output's table metrics that some run reports."""
   reported = {(o, m) for row in rows for r in row[3]
               for o, scores in r['metrics'].items() for m in scores}
-  return [(o, m) for o in outputs for m in TABLE_METRICS[output_task(task, o)]
+  return [(o, m) for o in outputs for m in metrics_lib.TABLE_METRICS[task.output_kind(o)]
           if (o, m) in reported]
 
 
-def summarise(rows: list, task: str, outputs: list) -> list[str]:
+def summarise(rows: list, task, outputs: list) -> list[str]:
   """rows: (fusion, params, step seconds, [results of each finished seed], diverged seeds)
   -> Markdown lines."""
   columns = table_columns(rows, task, outputs)
   header = ['fusion', 'seeds'] + [f'{o} {m}' for o, m in columns] + ['params', 'step (s)']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  digits = {'segmentation': 2, 'translation': 4}.get(task, 3)
+  digits = task.RESULT_DIGITS
   for fusion, params, seconds, results, num_diverged in rows:
     cells = [f'`{fusion}`', str(len(results)) + (f' (+{num_diverged} diverged)'
                                                  if num_diverged else '')]
@@ -127,7 +111,7 @@ def summarise(rows: list, task: str, outputs: list) -> list[str]:
   return lines
 
 
-def plot(rows: list, task: str, outputs: list, path: str) -> None:
+def plot(rows: list, task, outputs: list, path: str) -> None:
   """Bars of every output's main metric per fusion; one panel per metric (dense: per task)."""
   import matplotlib
   matplotlib.use('Agg')
@@ -135,7 +119,7 @@ def plot(rows: list, task: str, outputs: list, path: str) -> None:
   from cen_jax import viz
   panels: dict = {}
   for output in outputs:
-    panels.setdefault(MAIN_METRIC[output_task(task, output)], []).append(output)
+    panels.setdefault(metrics_lib.MAIN_METRICS[task.output_kind(output)], []).append(output)
   fig, axes = plt.subplots(1, len(panels), squeeze=False,
                            figsize=(len(panels) * (1.6 * len(rows) + 2), 3.5))
   for ax, ((key, label, better), members) in zip(axes[0], panels.items()):
@@ -152,18 +136,20 @@ def plot(rows: list, task: str, outputs: list, path: str) -> None:
       ax.bar(xs, means, width, yerr=stds, capsize=3, label=output)
     ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
     ax.set_xticklabels([r[0] for r in rows])
-    ax.set(ylabel=f'{label} ({better} is better)', title='fusions on one budget (mean ± std)')
+    ax.set(ylabel=f'{label} ({"higher" if better else "lower"} is better)',
+           title='fusions on one budget (mean ± std)')
     ax.legend(fontsize=7)
   viz.save_figure(path, fig)
 
 
 def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
-  from cen_jax import fusions, input_pipeline, train
-  from cen_jax.logging import write_json_atomic
-  fusions.load_user_module(config.model.get('fusion_module', ''))
+  from cen_jax import input_pipeline, tasks, train
+  from cen_jax.fusion import registry
+  from cen_jax.run_log import write_json_atomic
+  registry.load_user_module(config.model.get('fusion_module', ''))
   for name in fusion_names:
-    fusions.get(name)  # every name checked before anything trains
-  task_name = config.get('task', 'segmentation')
+    registry.get(name)  # every name checked before anything trains
+  task = tasks.get(config)
   rows = []
   for name in fusion_names:
     results, seconds, num_diverged = [], [], 0
@@ -172,7 +158,7 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
       run_dir = os.path.join(workdir, name, f'seed{seed}')
       steps_per_epoch = input_pipeline.num_examples(cfg, cfg.data.train_split) // \
           cfg.train.batch_size
-      num_steps = train._task(cfg).total_steps(cfg, steps_per_epoch)
+      num_steps = task.total_steps(cfg, steps_per_epoch)
       if not finished(run_dir, num_steps) and not diverged(run_dir):
         print(f'ablate: training {name} seed {seed} in {run_dir}', flush=True)
         try:
@@ -191,8 +177,8 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
       seconds.append(median_step_seconds(run_dir))
     rows.append((name, param_count(run_config(config, name, 0)),
                   float(np.median(seconds)) if seconds else float('nan'), results, num_diverged))
-  outputs = output_order(rows, train._task(config).output_names(config))
-  lines = summarise(rows, task_name, outputs)
+  outputs = output_order(rows, task.output_names(config))
+  lines = summarise(rows, task, outputs)
   first = next((r[3][0] for r in rows if r[3]), None)
   if first is None:
     raise ValueError(f'every run in {workdir} diverged: nothing to tabulate')
@@ -206,7 +192,7 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
   write_json_atomic(os.path.join(workdir, 'ablation.json'),
                     [{'fusion': r[0], 'params': r[1], 'step_seconds': r[2], 'results': r[3],
                       'diverged': r[4]} for r in rows])
-  plot(rows, task_name, outputs, os.path.join(workdir, 'ablation.png'))
+  plot(rows, task, outputs, os.path.join(workdir, 'ablation.png'))
   return lines + ['', caption]
 
 

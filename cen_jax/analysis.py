@@ -6,8 +6,8 @@ paper's figures of the BN scaling factors."""
 
 import numpy as np
 
-from cen_jax import fusion
-from cen_jax import logging as log_lib
+from cen_jax.fusion import ops
+from cen_jax import run_log as log_lib
 
 
 def layer_fractions(named_scales, threshold: float) -> tuple[list, np.ndarray]:
@@ -15,7 +15,7 @@ def layer_fractions(named_scales, threshold: float) -> tuple[list, np.ndarray]:
   names, rows = [], []
   for name, scales in named_scales:
     scales = np.abs(np.asarray(scales, np.float64))
-    mask = fusion.sparsity_masks(*scales.shape)
+    mask = ops.sparsity_masks(*scales.shape)
     rows.append([(scales[m][mask[m]] < threshold).mean() if mask[m].any() else 0.0
                  for m in range(scales.shape[0])])
     names.append(name)
@@ -57,7 +57,7 @@ def scale_figure(named_scales, branches, threshold: float, history, step: int, p
   for m, branch in enumerate(branches):
     ax = axes[2 + m]
     scales = [np.abs(np.asarray(s, np.float64)) for _, s in named_scales]
-    masks = [fusion.sparsity_masks(*s.shape) for s in scales]
+    masks = [ops.sparsity_masks(*s.shape) for s in scales]
     penalised = np.concatenate([s[m][k[m]] for s, k in zip(scales, masks)])
     free = np.concatenate([s[m][~k[m]] for s, k in zip(scales, masks)])
     bins = np.logspace(np.log10(max(min(penalised.min(initial=1), free.min(initial=1)), 1e-8)),

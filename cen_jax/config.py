@@ -5,10 +5,10 @@ what differs, so one place holds every key (and `main.py` rejects unknown ones).
 selects the task module (cen_jax/tasks/<task>.py) that the shared runner drives.
 
 - `base_config()`: the official CEN segmentation recipe (RefineNet-LW on ResNet-101, NYUDv2,
-  papers.md §1.2).
+  docs/papers.md §1.2).
 - `translation_config()`: the official CEN image-to-image translation recipe (pix2pix U-Net
   generator with private InstanceNorm, shared PatchGAN discriminator, Taskonomy shade + texture
-  -> rgb, papers.md §1.1(i), §1.2).
+  -> rgb, docs/papers.md §1.1(i), §1.2).
 - `dense_config(branches)`: the TPAMI scenarios (multimodal fusion with any M, multitask,
   multimodal multitask) as 'input>task' branches of the segmentation network.
 """
@@ -21,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def add_fusion_keys(model: ml_collections.ConfigDict) -> None:
-  """config.model keys of the fusion registry (cen_jax/fusions.py)."""
+  """config.model keys of the fusion registry (cen_jax/fusion/registry.py)."""
   model.fusion_module = ''  # a module path or .py file whose import registers more fusions
   model.fusion_options = opts = ml_collections.ConfigDict()  # read by the fusion (Site.options)
   opts.random_fraction = 0.5  # 'random_exchange': fraction of each partition exchanged
@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.modalities = ('rgb', 'depth')
 
   config.model = m = ml_collections.ConfigDict()
-  m.fusion = 'cen'  # a registered fusion: 'cen' | 'asymfusion' | 'none' | ... (cen_jax/fusions.py)
+  m.fusion = 'cen'  # a registered fusion: 'cen' | 'asymfusion' | 'none' | ... (fusion/registry.py)
   add_fusion_keys(m)
   m.resnet = 101  # 50 | 101 | 152; ignored when `blocks` is set
   m.blocks = ()  # bottlenecks per stage, e.g. (1, 1, 1, 1) for tiny test models
@@ -81,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.data = d = ml_collections.ConfigDict()
   d.name = 'nyudv2'  # TFDS builder under data/
+  d.builder_dir = ''  # a folder of your own holding <name>_dataset_builder.py ('' = data/)
   d.data_dir = './tfds_data'  # where prepared array_record files live
   d.manual_dir = ''  # user-downloaded files (NYUDv2/SUN RGB-D layout)
   d.builder_config = ''  # TFDS BuilderConfig name ('' = default; synthetic_scenes: small, tiny)
@@ -148,6 +149,7 @@ def translation_config() -> ml_collections.ConfigDict:
 
   config.data = d = ml_collections.ConfigDict()
   d.name = 'taskonomy'  # TFDS builder under data/
+  d.builder_dir = ''  # a folder of your own holding <name>_dataset_builder.py ('' = data/)
   d.target = 'rgb'
   d.data_dir = './tfds_data'
   d.manual_dir = ''  # user-downloaded files (Taskonomy layout)

@@ -19,8 +19,8 @@ makes XLA:CPU run single-device computations on the calling thread, whose arena 
 (the brk heap, grown as needed): 200 faults per step at either size. The host then no longer
 prepares the next batch while a step runs, which costs small steps more than they gain
 (config.train.cpu_async_dispatch). In some processes the heap grows once by a whole step's
-temporaries, which then stay resident twice (README, "Host memory": glibc's memalign cannot reuse
-the freed block when it has not merged into the top of the heap).
+temporaries, which then stay resident twice (docs/benchmarks.md, "Host memory": glibc's
+memalign cannot reuse the freed block when it has not merged into the top of the heap).
 """
 
 import ctypes

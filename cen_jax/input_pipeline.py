@@ -1,4 +1,6 @@
-"""Data: TFDS builders (data/<name>/) read through grain, official CEN augmentation in numpy/cv2.
+"""Data: TFDS builders (data/, installed as cen_jax.datasets) read through grain. Task-agnostic:
+a task hands the iterators its sample functions (cen_jax/tasks/*_data.py), built from the
+official CEN transforms (cen_jax/transforms.py).
 
 No TensorFlow: datasets are prepared as array_record files by the TFDS builders under data/ and
 read with `tfds.builder_from_directory(...).as_data_source(split)`.
@@ -8,23 +10,21 @@ Public API
   prepared_dir(config) -> str                 where the prepared dataset lives / will live
   num_examples(config, split) -> int          examples in a split (prepares if needed)
   num_classes(config) -> int                  the dataset's class count (builder NUM_CLASSES)
-  train_iterator(config, *, seed, process_index=0, process_count=1) -> TrainIterator
-                                              endless, checkpointable, host-local train batches
+  align_mode(config) -> 'crop' | 'resize'     the dataset's official alignment to the mask
+  train_iterator(config, sample, *, seed, process_index=0, process_count=1) -> TrainIterator
+                                              endless, checkpointable, host-local train batches;
+                                              sample(stored example, rng) -> example
     TrainIterator: __next__, get_state() -> JSON dict, set_state(state), close(),
                    steps_per_epoch
-  eval_iterator(config, split, *, batch_size, process_index=0, process_count=1)
-                                              full-image batches grouped by shape, padded
+  eval_iterator(config, split, sample, *, batch_size, process_index=0, process_count=1,
+                one_shape=False)              full-image batches grouped by shape, padded;
+                                              sample(stored example) -> example, sample.fill
+                                              the padding values
   eval_batches(shapes, batch_size, process_index=0, process_count=1) -> [[index]]
                                               the eval batching/sharding plan
-  builder_module(name)                        data/<name>/<name>_dataset_builder (NUM_CLASSES,
-                                              ALIGN_TO_MASK, Builder)
-  read_inputs(raw, modalities) -> dict        a stored example as official read_image gives it
-  augment(example, *, align, crop_size, shorter_side, low_scale, high_scale, ignore_label, rng)
-                                              the official train geometry (un-normalised)
-  align_to_mask(example, align)               the official eval geometry (un-normalised)
-  normalise(config, example) -> dict          float32 inputs (+ int32 mask)
-  denormalize_rgb(config, x) -> uint8         inverse of the RGB normalisation, for previews
-  to_display_image(config, modality, x)       uint8 HxWx3 preview of a normalised input
+  builder_module(name, builder_dir='')        data/<name>/<name>_dataset_builder (NUM_CLASSES,
+                                              ALIGN_TO_MASK, Builder), or the user's own
+                                              <builder_dir>/<name>_dataset_builder.py
 
 Official preprocessing (yikaiw/CEN semantic_segmentation main.py `create_loaders`, utils/
 transforms.py, utils/datasets.py), reproduced exactly where it is deterministic:
@@ -69,35 +69,71 @@ from typing import Iterator
 
 import numpy as np
 
-TARGET_PREFIX = 'target_'  # dense targets (cen_jax/dense_data.py): resized and padded as labels
-PAD_VALUES = (123.675, 116.28, 103.53)  # official Pad value for every input (ImageNet mean * 255)
 DATASETS = ('nyudv2', 'sunrgbd', 'synthetic_scenes', 'synthetic_domains', 'taskonomy')
 SHAPES_FILE = 'cen_eval_shapes.json'  # per-split mask shapes, written by prepare()
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------------
 # Datasets.
 
 
-def builder_module(name: str):
-  """The module data/<name>/<name>_dataset_builder.py (imported under one stable name)."""
+def builder_module(name: str, builder_dir: str = ''):
+  """The builder module of dataset `name`: data/<name>/<name>_dataset_builder.py (the package
+  cen_jax.datasets), or, with `builder_dir` (config.data.builder_dir), the user's own
+  <builder_dir>/<name>_dataset_builder.py, loaded from that file under one stable module name
+  (TFDS registers a builder class once per module name)."""
+  if builder_dir:
+    return _user_builder_module(name, builder_dir)
   if name not in DATASETS:
-    raise ValueError(f'config.data.name={name!r}: expected one of {", ".join(DATASETS)}')
-  if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-  return importlib.import_module(f'data.{name}.{name}_dataset_builder')
+    raise ValueError(f'config.data.name={name!r}: expected one of {", ".join(DATASETS)} (or '
+                     f'set config.data.builder_dir to a folder holding {name}_dataset_builder.py)')
+  try:
+    return importlib.import_module(f'cen_jax.datasets.{name}.{name}_dataset_builder')
+  except ModuleNotFoundError as e:
+    if e.name not in ('cen_jax.datasets', f'cen_jax.datasets.{name}'):
+      raise
+    raise ModuleNotFoundError(
+        'cen_jax.datasets (the builders of data/) is not installed: run `pip install -e .` in '
+        'the checkout (scripts/demo.sh and scripts/test.sh do)') from None
+
+
+def _user_builder_module(name: str, builder_dir: str):
+  import importlib.util
+  path = os.path.join(os.path.abspath(builder_dir), f'{name}_dataset_builder.py')
+  # A top-level module name: TFDS reads a builder's folder from a dotted name's package.
+  module_name = f'{name}_dataset_builder'
+  if module_name in sys.modules:
+    module = sys.modules[module_name]
+    if os.path.abspath(getattr(module, '__file__', '')) != path:
+      raise ValueError(f'config.data.builder_dir: {path} would replace the builder already '
+                       f'loaded from {module.__file__} (one per process)')
+    return module
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: not found (config.data.builder_dir={builder_dir!r} and '
+                            f'config.data.name={name!r})')
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[module_name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[module_name]
+    raise
+  return module
 
 
 def _file_error_type():
-  if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-  from data import rgbd_files
-  return rgbd_files.DatasetFileError
+  from cen_jax import preprocess
+  return preprocess.DatasetFileError
+
+
+def dataset_module(config):
+  """The builder module of config.data (name, and builder_dir when set)."""
+  return builder_module(config.data.name, config.data.get('builder_dir', ''))
 
 
 def _builder(config, data_dir: str):
-  module = builder_module(config.data.name)
+  module = dataset_module(config)
   builder_config = config.data.get('builder_config', '') or None
   return module.Builder(data_dir=data_dir, config=builder_config, file_format='array_record')
 
@@ -112,7 +148,13 @@ def _is_prepared(directory: str) -> bool:
 
 
 def num_classes(config) -> int:
-  return int(builder_module(config.data.name).NUM_CLASSES)
+  return int(dataset_module(config).NUM_CLASSES)
+
+
+def align_mode(config) -> str:
+  """'crop' (CropAlignToMask, nyudv2) or 'resize' (ResizeAlignToMask): the builder's
+  ALIGN_TO_MASK."""
+  return dataset_module(config).ALIGN_TO_MASK
 
 
 def prepare(config, *, force: bool = False) -> str:
@@ -371,232 +413,19 @@ class _Source:
 
 
 # ------------------------------------------------------------------------------------------------
-# Official transforms (numpy + cv2).
-
-
-def _cv2():
-  import cv2
-  cv2.setNumThreads(1)  # workers parallelise across examples
-  return cv2
-
-
-def _interp(cv2, key: str):
-  """Nearest for depth and every label-like key (mask, target_*), bicubic for images."""
-  if key in ('depth', 'mask') or key.startswith(TARGET_PREFIX):
-    return cv2.INTER_NEAREST
-  return cv2.INTER_CUBIC
-
-
-def read_inputs(raw: dict, modalities) -> dict:
-  """{modality: HxWx3 array (uint8 rgb, uint16 depth tiled to 3 channels), 'mask': uint8 HxW}."""
-  out = {'mask': np.asarray(raw['mask'])}
-  for key in modalities:
-    if key not in raw:
-      raise ValueError(f'modality {key!r} is not a feature of the dataset (has '
-                       f'{", ".join(sorted(raw))})')
-    arr = np.asarray(raw[key])
-    if arr.ndim == 2:  # official read_image: grayscale tiled to 3 channels
-      arr = np.repeat(arr[:, :, None], 3, axis=2)
-    out[key] = arr
-  return out
-
-
-def _inputs(example: dict):
-  return [k for k in example if k != 'mask' and not k.startswith(TARGET_PREFIX)]
-
-
-def align_to_mask(example: dict, align: str) -> dict:
-  """CropAlignToMask ('crop') or ResizeAlignToMask ('resize') of every input to the mask size."""
-  mh, mw = example['mask'].shape[:2]
-  out = {'mask': example['mask']}
-  for key in (k for k in example if k != 'mask'):
-    x = example[key]
-    h, w = x.shape[:2]
-    if (h, w) != (mh, mw):
-      if align == 'crop':
-        if h < mh or w < mw:
-          raise ValueError(f'{key} is {h}x{w}, smaller than its mask {mh}x{mw}')
-        top, left = (h - mh) // 2, (w - mw) // 2
-        x = x[top: h - top - (h - mh) % 2, left: w - left - (w - mw) % 2]
-      elif align == 'resize':
-        cv2 = _cv2()
-        x = cv2.resize(x, (mw, mh), interpolation=_interp(cv2, key))
-      else:
-        raise ValueError(f'align={align!r}: expected "crop" or "resize"')
-    out[key] = x
-  return out
-
-
-def augment(example: dict, *, align: str, crop_size: int, shorter_side: int, low_scale: float,
-            high_scale: float, ignore_label: int, rng: np.random.Generator,
-            mirror_negate=()) -> dict:
-  """Official training geometry on `read_inputs` output; values stay un-normalised.
-
-  Keys starting with TARGET_PREFIX (dense targets, 0 = no target) follow the mask: nearest
-  resize, padded with 0; the first channel of the keys in `mirror_negate` (surface normals'
-  x) changes sign when the example is mirrored."""
-  cv2 = _cv2()
-  example = align_to_mask(example, align)
-  keys = _inputs(example)
-  targets = [k for k in example if k.startswith(TARGET_PREFIX)]
-  # ResizeAndScale (shorter side).
-  h, w = example['mask'].shape[:2]
-  scale = rng.uniform(low_scale, high_scale)
-  if min(h, w) * scale < shorter_side:
-    scale = shorter_side * 1.0 / min(h, w)
-  out = {k: cv2.resize(example[k], None, fx=scale, fy=scale, interpolation=_interp(cv2, k))
-         for k in keys}
-  for k in ['mask'] + targets:
-    out[k] = cv2.resize(example[k], None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
-  # Pad (inputs per channel, in their own dtype; mask with the ignore label).
-  h, w = out['mask'].shape[:2]
-  h_pad = int(np.clip((crop_size - h + 1) // 2, 0, 1e6))
-  w_pad = int(np.clip((crop_size - w + 1) // 2, 0, 1e6))
-  if h_pad or w_pad:
-    pad = ((h_pad, h_pad), (w_pad, w_pad))
-    for k in keys:
-      x = out[k]
-      out[k] = np.stack([np.pad(x[:, :, c], pad, mode='constant', constant_values=PAD_VALUES[c])
-                         for c in range(3)], axis=2)
-    out['mask'] = np.pad(out['mask'], pad, mode='constant', constant_values=ignore_label)
-    for k in targets:
-      out[k] = np.pad(out[k], pad + ((0, 0),) * (out[k].ndim - 2), mode='constant')
-  # RandomMirror.
-  if rng.integers(2):
-    out = {k: v[:, ::-1] for k, v in out.items()}
-    for k in mirror_negate:
-      out[k] = out[k] * np.asarray([-1.0] + [1.0] * (out[k].shape[-1] - 1), out[k].dtype)
-  # RandomCrop.
-  size = crop_size - crop_size % 2
-  h, w = out['mask'].shape[:2]
-  new_h, new_w = min(h, size), min(w, size)
-  top = int(rng.integers(0, h - new_h + 1))
-  left = int(rng.integers(0, w - new_w + 1))
-  return {k: np.ascontiguousarray(v[top: top + new_h, left: left + new_w])
-          for k, v in out.items()}
-
-
-def normalise(config, example: dict) -> dict:
-  """float32 inputs (official Normalise) and an int32 mask."""
-  d = config.data
-  out = {'mask': np.asarray(example['mask'], np.int32)}
-  mean = np.asarray(d.rgb_mean, np.float64)
-  std = np.asarray(d.rgb_std, np.float64)
-  for key in _inputs(example):
-    x = example[key]
-    if key == 'depth':
-      scale = float(d.depth_scale)
-      if scale > 0:
-        x = scale * x.astype(np.float64)
-      elif scale == -1:  # taskonomy hook
-        x = np.log(1 + x.astype(np.float64))
-      elif scale == -2:  # SUN RGB-D hook: per-image min-max to [0, 255]
-        x = x.astype(np.float64)
-        lo, hi = x.min(), x.max()
-        x = (x - lo) * 255.0 / (hi - lo) if hi > lo else np.zeros_like(x)
-      else:
-        raise ValueError(f'config.data.depth_scale={scale}: expected > 0, -1 or -2')
-    else:
-      x = (1.0 / 255 * x.astype(np.float64) - mean) / std
-    out[key] = x.astype(np.float32)
-  return out
-
-
-def denormalize_rgb(config, x) -> np.ndarray:
-  """uint8 HxWx3 image from a normalised RGB array (inverse of `normalise`)."""
-  x = np.asarray(x, np.float64) * np.asarray(config.data.rgb_std) + np.asarray(config.data.rgb_mean)
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
-def to_display_image(config, modality: str, x) -> np.ndarray:
-  """uint8 HxWx3 preview of one normalised input (rgb de-normalised; others min-max grey;
-  translation images from [-1, 1])."""
-  if _is_translation(config):
-    from cen_jax import viz
-    return viz.to_uint8_image(x)
-  if modality in ('rgb', 'defocus'):  # colour images, normalised as rgb
-    return denormalize_rgb(config, x)
-  x = np.asarray(x, np.float64)
-  x = x[..., 0] if x.ndim == 3 else x
-  lo, hi = float(x.min()), float(x.max())
-  grey = np.zeros(x.shape, np.uint8) if hi <= lo else \
-      np.round((x - lo) * 255.0 / (hi - lo)).astype(np.uint8)
-  return np.repeat(grey[:, :, None], 3, axis=2)
-
-
-# ------------------------------------------------------------------------------------------------
 # Training iterator.
-
-
-def _align_mode(config) -> str:
-  return builder_module(config.data.name).ALIGN_TO_MASK
 
 
 def _uint(x) -> int:
   return int(x) % (1 << 63)
 
 
-class _SegmentationTrain:
-  """A stored example -> the official segmentation training example (picklable)."""
-
-  def __init__(self, config):
-    d = config.data
-    self.modalities = tuple(config.modalities)
-    self.aug = dict(align=_align_mode(config), crop_size=int(d.crop_size),
-                    shorter_side=int(d.shorter_side), low_scale=float(d.low_scale),
-                    high_scale=float(d.high_scale), ignore_label=int(d.ignore_label))
-    self.norm_config = _NormConfig(config)
-
-  def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
-    return normalise(self.norm_config, augment(read_inputs(raw, self.modalities), rng=rng,
-                                               **self.aug))
-
-
-class _SegmentationEval:
-  """A stored example -> the official evaluation input (aligned, normalised, full size)."""
-
-  def __init__(self, config):
-    self.modalities = tuple(config.modalities)
-    self.align = _align_mode(config)
-    self.norm_config = _NormConfig(config)
-    self.fill = {'mask': int(config.data.ignore_label)}  # padding examples
-
-  def __call__(self, raw: dict) -> dict:
-    return normalise(self.norm_config, align_to_mask(read_inputs(raw, self.modalities),
-                                                     self.align))
-
-
-def _is_translation(config) -> bool:
-  return config.get('task', 'segmentation') == 'translation'
-
-
-def _train_sample(config):
-  """The task's per-example training transform: (stored example, rng) -> example."""
-  if _is_translation(config):
-    from cen_jax import translation_data
-    return translation_data.TrainSample(config)
-  if config.get('task') == 'dense':
-    from cen_jax import dense_data
-    return dense_data.TrainSample(config)
-  return _SegmentationTrain(config)
-
-
-def _eval_sample(config):
-  if _is_translation(config):
-    from cen_jax import translation_data
-    return translation_data.EvalSample(config)
-  if config.get('task') == 'dense':
-    from cen_jax import dense_data
-    return dense_data.EvalSample(config)
-  return _SegmentationEval(config)
-
-
 class _TrainElement:
   """Local stream position i -> augmented, normalised example (picklable, runs in workers)."""
 
-  def __init__(self, config, source: _Source, *, seed: int, process_index: int,
+  def __init__(self, config, sample, source: _Source, *, seed: int, process_index: int,
                process_count: int, num_records: int):
-    self.sample = _train_sample(config)
+    self.sample = sample
     self.source = source
     self.seed = _uint(seed)
     self.global_batch = int(config.train.batch_size)
@@ -625,23 +454,6 @@ class _TrainElement:
     epoch, index = self.record(i)
     rng = np.random.default_rng([self.seed, 1, epoch, index])
     return self.sample(self.source[index], rng)
-
-
-class _NormConfig:
-  """The few config values `normalise` reads (config objects need not be pickled)."""
-
-  def __init__(self, config):
-    from types import SimpleNamespace
-    d = config.data
-    self.data = SimpleNamespace(rgb_mean=tuple(d.rgb_mean), rgb_std=tuple(d.rgb_std),
-                                depth_scale=float(d.depth_scale))
-
-  def __getstate__(self):
-    return vars(self.data)
-
-  def __setstate__(self, state):
-    from types import SimpleNamespace
-    self.data = SimpleNamespace(**state)
 
 
 def _ensure_absl_flags_parsed():
@@ -719,11 +531,13 @@ class TrainIterator:
       return
 
 
-def train_iterator(config, *, seed: int, process_index: int = 0,
+def train_iterator(config, sample, *, seed: int, process_index: int = 0,
                    process_count: int = 1) -> TrainIterator:
-  """Endless deterministic iterator of host-local batches {modality: float32 [B,S,S,3], 'mask':
-  int32 [B,S,S]}, B = config.train.batch_size // process_count, S = crop_size (rounded down to
-  even). Each epoch is a fresh permutation of the split, remainder dropped."""
+  """Endless deterministic iterator of host-local batches of `sample(stored example, rng)`
+  (segmentation: {modality: float32 [B,S,S,3], 'mask': int32 [B,S,S]}), B =
+  config.train.batch_size // process_count, S = crop_size (rounded down to even). Each epoch is
+  a fresh permutation of the split, remainder dropped. `sample` must be picklable (it runs in
+  grain's worker processes)."""
   import grain
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count})')
@@ -738,7 +552,7 @@ def train_iterator(config, *, seed: int, process_index: int = 0,
   if n < global_batch:
     raise ValueError(f'config.train.batch_size={global_batch} exceeds the {n} examples of '
                      f'{config.data.name!r} {split!r}')
-  element = _TrainElement(config, source, seed=seed, process_index=process_index,
+  element = _TrainElement(config, sample, source, seed=seed, process_index=process_index,
                           process_count=process_count, num_records=n)
   per_epoch = element.steps_per_epoch * element.local_batch
   ds = grain.MapDataset.range(per_epoch).repeat().map_with_index(element)
@@ -768,8 +582,8 @@ def eval_batches(shapes, batch_size: int, process_index: int = 0,
 
 
 class _EvalBatch:
-  def __init__(self, config, source: _Source, batch_size: int):
-    self.sample = _eval_sample(config)
+  def __init__(self, sample, source: _Source, batch_size: int):
+    self.sample = sample
     self.source = source
     self.batch_size = batch_size
 
@@ -787,24 +601,26 @@ class _EvalBatch:
     return batch
 
 
-def eval_iterator(config, split: str, *, batch_size: int, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
+def eval_iterator(config, split: str, sample, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1, one_shape: bool = False) -> Iterator[dict]:
   """Full aligned, normalised images in batches of `batch_size` equal-shaped examples.
 
-  Keys: each modality float32 [B,H,W,3], 'mask' int32 [B,H,W], 'valid' bool [B] (False for the
-  padding examples, whose mask is all ignore_label and inputs 0), 'index' int32 [B] (example
-  index in the split, -1 for padding). Processes get disjoint batches covering the split once.
+  Keys: those of `sample(stored example)` (segmentation: each modality float32 [B,H,W,3], 'mask'
+  int32 [B,H,W]), 'valid' bool [B] (False for the padding examples, whose values are
+  sample.fill's, else 0), 'index' int32 [B] (example index in the split, -1 for padding).
+  Processes get disjoint batches covering the split once. one_shape: every example has the
+  same shape (translation resizes them), so no per-example shapes are read.
   """
   import grain
   directory = prepare(config)
-  if _is_translation(config):  # every example is resized to crop_size: one shape
+  if one_shape:
     shapes = [()] * num_examples(config, split)
   else:
     shapes = _mask_shapes(directory, split)
   chunks = eval_batches(shapes, batch_size, process_index, process_count)
   if not chunks:
     return iter(())
-  loader = _EvalBatch(config, _Source(directory, split), batch_size)
+  loader = _EvalBatch(sample, _Source(directory, split), batch_size)
   ds = grain.MapDataset.source(chunks).map(loader).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   return iter(ds)

@@ -68,7 +68,7 @@ class SharedConv(nn.Module):
 
 def fastest_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """`conv`, in the form that is fastest on this backend for its shape (same values): a
-  1x1 as a matmul (XLA:CPU runs 1x1 convs far slower than the identical dot; jax_notes.md §7;
+  1x1 as a matmul (XLA:CPU runs 1x1 convs far slower than the identical dot; docs/benchmarks.md;
   a stride becomes a strided slice first), and on CPU im2col on small maps with many channels
   and a kernel gradient by matmuls on larger ones."""
   k, in_features = kernel.shape[0], kernel.shape[2]
@@ -96,7 +96,7 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 # - a 3x3 kernel with C_out > C_in / 2: Winograd's F(2x2, 3x3) (cen_jax/winograd.py), 16
 #   matmuls over 2x2 output tiles; at [4, 64, 64, 256] -> 256 1.3-1.4x faster than the
 #   per-tap form and 3.6-4.2x faster than XLA's (alone; in the whole step on the 2-core
-#   machine its memory-bound transforms cost about what the matmuls save: README);
+#   machine its memory-bound transforms cost about what the matmuls save: docs/benchmarks.md);
 # - narrow outputs (2 C_out <= C_in, the 256 -> 40 classifier): one matmul over shifted copies
 #   of the cotangent;
 # - otherwise one matmul per kernel tap.
@@ -370,7 +370,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
   The gradient goes to the first maximal element of each window in row-major order (torch's
   and XLA's select-and-scatter rule). On CPU a stride-1 pool is computed as two separable
   1-D pools (`separable_max_pool`): XLA:CPU's select-and-scatter gradient is ~3x slower than
-  torch's (jax_notes.md §7b), while the separable gradient is a few elementwise selects.
+  torch's (docs/benchmarks.md), while the separable gradient is a few elementwise selects.
   """
   if stride == 1 and jax.default_backend() == 'cpu' and x.size >= MIN_CPU_POOL_ELEMENTS:
     y = separable_max_pool(fold(x), window, padding)

@@ -12,6 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# The main metric of each kind of output (key, label, larger is better): what a task's best
+# checkpoint, progress line and ablation plot use; and the metrics an ablation table shows. A
+# task names the kind of each of its outputs (`output_kind`).
+MAIN_METRICS = {'semseg': ('miou', 'mIoU', True), 'depth': ('rmse', 'depth RMSE', False),
+                'normals': ('mean', 'normals mean angle', False), 'image': ('l1', 'L1', False)}
+TABLE_METRICS = {'semseg': ('miou',), 'image': ('l1', 'rmse', 'fid', 'kid'),
+                 'depth': ('rmse', 'abs_rel', 'delta1'),
+                 'normals': ('mean', 'median', 'within_11.25')}
+
+
 def confusion_matrix(labels, preds, num_classes: int, ignore_label: int = 255):
   """int32 [K, K] counts: rows = ground truth, columns = prediction.
 

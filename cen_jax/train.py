@@ -1,55 +1,37 @@
-"""The shared runner: state, device batches, pmap/shard_map runners, distributed set-up, and the
-train/eval loop with checkpoints, logging and previews. Task-agnostic: what one application owns
-(model, loss and step, evaluation metrics, previews) lives in cen_jax/tasks/<config.task>.py.
+"""The runner: pmap/shard_map runners, distributed set-up, and the train/eval loop with
+checkpoints, logging and previews. Task-agnostic: what one application owns (model, loss and
+step, samples, evaluation metrics, previews) lives in cen_jax/tasks/<config.task>.py, and what
+tasks and runner share (train state, device batches, the evaluate loop) in cen_jax/runtime.py.
 
-A task's per-device step uses collectives on the named axis `AXIS` (gradient sums, norm
-statistics inside the model). `jax.pmap` (default) or `jax.shard_map` over a device Mesh runs it
-(`config.train.parallel`). Host batches hold one array per input modality (stacked here into
-'x': [M, B, ...], the branch axis first) plus the task's `BATCH_KEYS` ([B, ...]).
+`jax.pmap` (default) or `jax.shard_map` over a device Mesh runs a task's per-device step
+(`config.train.parallel`), with its collectives on the named axis `AXIS`.
 """
 
 import os
 import time
-from typing import Any, Callable
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cen_jax import branches as branches_lib
-
-AXIS = 'data'
-
-
-@flax.struct.dataclass
-class TrainState:
-  """One pytree for every task: a task with several networks (translation: generator and
-  discriminator) keeps one sub-tree per network in each field."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-
-def sum_over_devices(tree):
-  """`jax.lax.psum(tree, AXIS)`, skipped when AXIS has one device: XLA:CPU runs even a
-  one-device all-reduce as a copy of every leaf (~0.25 s a step for the ResNet-50 gradients
-  on 2 cores)."""
-  return tree if jax.lax.axis_size(AXIS) == 1 else jax.lax.psum(tree, AXIS)
+from cen_jax import checkpoints as ckpt_lib
+from cen_jax import input_pipeline
+from cen_jax import run_log as log_lib
+from cen_jax import runtime
+from cen_jax import tasks
+from cen_jax.fusion import registry
+from cen_jax.runtime import (AXIS, TrainState, batch_specs, device_batch, global_replicated,
+                             keep_finite_update, replicated_sharding)
 
 
 def _task(config):
-  from cen_jax import tasks
   return tasks.get(config)
 
 
 def check_config(config):
-  from cen_jax import fusions
-  fusions.load_user_module(config.model.get('fusion_module', ''))
-  fusions.get(config.model.fusion)  # one line naming the registered fusions if unknown
+  registry.load_user_module(config.model.get('fusion_module', ''))
+  registry.get(config.model.fusion)  # one line naming the registered fusions if unknown
   if config.train.parallel not in ('pmap', 'shard_map'):
     raise ValueError(f"config.train.parallel={config.train.parallel!r}: expected 'pmap' or "
                      f"'shard_map'")
@@ -77,35 +59,10 @@ def stage_starts(config, steps_per_epoch: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- runners
 
-def device_batch(config, host_batch, num_devices: int, *, for_pmap: bool, keys=None):
-  """Host batch {modality: [B, ...], key: [B, ...]} -> {'x': [M, B, ...], key: [B, ...]}; for
-  pmap the batch axis is split into [num_devices, B / num_devices] in front."""
-  keys = batch_keys(config) if keys is None else keys
-  x = np.stack([np.asarray(host_batch[name], np.float32)
-                for name in branches_lib.inputs(config)])
-  batch = {'x': x, **{k: np.asarray(host_batch[k]) for k in keys}}
-  if not for_pmap:
-    return batch
-  b = x.shape[1]
-  if b % num_devices:
-    raise ValueError(f'host batch {b} is not divisible by {num_devices} local devices')
-  n = b // num_devices
-  out = {'x': x.reshape((x.shape[0], num_devices, n) + x.shape[2:]).swapaxes(0, 1)}
-  for k in keys:
-    out[k] = batch[k].reshape((num_devices, n) + batch[k].shape[1:])
-  return out
-
-
 def batch_keys(config) -> tuple:
   """The task's host-batch keys besides the stacked inputs."""
   task = _task(config)
   return tuple(task.batch_keys(config) if hasattr(task, 'batch_keys') else task.BATCH_KEYS)
-
-
-def batch_specs(keys) -> dict:
-  """PartitionSpecs of a device batch: 'x' is split on its second (batch) axis, the rest on
-  their first."""
-  return {'x': P(None, AXIS), **{k: P(AXIS) for k in keys}}
 
 
 class Runner:
@@ -157,80 +114,6 @@ def _skipping_nonfinite(step_fn):
   return step
 
 
-def local_eval_fn(config, fn: Callable, keys, *, reduced_outputs) -> Callable:
-  """jit-ed `fn(variables, batch)` over this process's devices, the batch split among them.
-
-  reduced_outputs: per output of `fn`, True when it is a reduction over the batch (returned
-  replicated), False when it keeps the batch axis (left where XLA puts it).
-  Returns run(variables, host_batch) with attributes num_devices, replicated and place (puts
-  replicated values, e.g. the train state's variables, on this process's devices).
-  """
-  devices = jax.local_devices()
-  mesh = Mesh(np.asarray(devices), (AXIS,))
-  shardings = {k: NamedSharding(mesh, s) for k, s in batch_specs(keys).items()}
-  replicated = NamedSharding(mesh, P())
-  jitted = jax.jit(fn, out_shardings=tuple(replicated if r else None for r in reduced_outputs))
-
-  def run(variables, host_batch):
-    batch = device_batch(config, host_batch, 0, for_pmap=False, keys=keys)
-    return jitted(variables, {k: jax.device_put(v, shardings[k]) for k, v in batch.items()})
-
-  run.num_devices = len(devices)
-  run.replicated = replicated
-  run.place = lambda tree: jax.device_put(local_replica(tree), replicated)
-  return run
-
-
-def global_replicated(tree):
-  """Replicated values as global arrays over every process's devices (`replicated_sharding()`).
-
-  pmap's `out_axes=None` outputs are host-local arrays: with several processes orbax will not
-  save them, and a jit over the global mesh will not take them. This reuses their local buffers
-  (no copy) and returns arrays that are already global (shard_map's outputs, a restored state)
-  as they are. Identity on one process. Called only where needed (saves, the optimiser reset),
-  never per step."""
-  if jax.process_count() == 1:
-    return tree
-  from jax.experimental import multihost_utils
-  return multihost_utils.host_local_array_to_global_array(tree, replicated_sharding().mesh, P())
-
-
-def local_replica(tree):
-  """This process's copy of replicated values: a global array spanning other processes' devices
-  (shard_map's outputs, a restored state) becomes its first local shard, other leaves stay as
-  they are. Evaluation runs on the local devices: moving a global array there would be a
-  cross-host device transfer, which backends need not support (XLA:CPU does not)."""
-  def local(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      if not x.is_fully_replicated:
-        raise ValueError(f'expected a replicated array, got sharding {x.sharding}')
-      return x.addressable_data(0)
-    return x
-  return jax.tree.map(local, tree)
-
-
-def sum_over_processes(array: np.ndarray) -> np.ndarray:
-  """The sum of a host array over all processes (itself with one process)."""
-  if jax.process_count() == 1:
-    return array
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(array)).sum(0)
-
-
-def write_eval_outputs(config, results, *, workdir=None, writer=None, preview=None) -> None:
-  """eval_results.json and the preview PNG (process 0), and the eval scalars."""
-  from cen_jax import viz
-  from cen_jax import logging as log_lib
-  step = results['step']
-  if workdir is not None and jax.process_index() == 0:
-    log_lib.write_json_atomic(os.path.join(workdir, 'eval_results.json'), results)
-    if preview is not None:
-      viz.save_png(os.path.join(workdir, 'previews', f'step_{int(step):07d}.png'), preview)
-  if writer is not None:
-    writer.write_scalars(step, {f'eval/{n}/{k}': v for n, s in results['metrics'].items()
-                                for k, v in s.items()})
-
-
 # ----------------------------------------------------------------------------- loop
 
 def maybe_initialize_distributed(config):
@@ -255,7 +138,6 @@ def prepare_dataset(config) -> str:
   the dataset (shared filesystem) or prepare their own copy (a data_dir local to each host).
   If process 0 fails, the others stop with one line instead of waiting. Returns the prepared
   directory."""
-  from cen_jax import input_pipeline
   if jax.process_count() == 1:
     return input_pipeline.prepare(config)
   from jax._src import distributed  # the coordination service's key-value store (as orbax)
@@ -279,10 +161,6 @@ def prepare_dataset(config) -> str:
 _prepare_calls = [0]
 
 
-def replicated_sharding():
-  return NamedSharding(Mesh(np.asarray(jax.devices()), (AXIS,)), P())
-
-
 def initial_state(config, model) -> TrainState:
   """Fresh state (with any pretrained weights the config names), replicated on every device."""
   task = _task(config)
@@ -291,11 +169,10 @@ def initial_state(config, model) -> TrainState:
 
 
 def evaluate(config, model, variables, **kwargs) -> dict:
-  return _task(config).evaluate(config, model, variables, **kwargs)
+  return runtime.evaluate(_task(config), config, model, variables, **kwargs)
 
 
 def open_checkpoints(config, workdir, **kwargs):
-  from cen_jax import checkpoints as ckpt_lib
   task = _task(config)
   return ckpt_lib.Checkpoints(workdir, best_metric=task.BEST_METRIC, best_mode=task.BEST_MODE,
                               **kwargs)
@@ -303,9 +180,6 @@ def open_checkpoints(config, workdir, **kwargs):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train with the task's schedule, evaluating and checkpointing; resumes from the workdir."""
-  from cen_jax import checkpoints as ckpt_lib
-  from cen_jax import input_pipeline
-  from cen_jax import logging as log_lib
   maybe_initialize_distributed(config)
   task = _task(config)
   model = build(config)
@@ -327,7 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpts = open_checkpoints(config, workdir, keep=config.train.keep_checkpoints)
   ckpts.check_compatible(meta, workdir)  # before anything is written
   train_iter = input_pipeline.train_iterator(
-      config, seed=config.seed, process_index=jax.process_index(),
+      config, task.train_sample(config), seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   if ckpts.all_steps():  # resume from the newest checkpoint that restores
     state, _ = ckpts.restore_first_intact(
@@ -382,9 +256,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if done % config.train.log_every_steps == 0 or done == num_steps or save_now:
         sync(done)  # also before every save: no non-finite state is ever written
       if evaluate_now:
-        results = task.evaluate(config, model, task.eval_variables(state),
-                                split=config.data.eval_split, step=done, workdir=workdir,
-                                writer=writer, eval_fn=eval_fn)
+        results = runtime.evaluate(task, config, model, task.eval_variables(state),
+                                   split=config.data.eval_split, step=done, workdir=workdir,
+                                   writer=writer, eval_fn=eval_fn)
         progress.write(f'step {done}: {task.progress_line(results)}')
         ckpts.save(done, global_replicated(state), meta, data_iterator=train_iter,
                    metrics={task.BEST_METRIC: task.best_value(results)})
@@ -403,25 +277,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 class NonFiniteError(ValueError):
   """Training produced a non-finite loss or gradient (message names the steps and the last
   good checkpoint)."""
-
-
-def all_finite(*trees) -> jax.Array:
-  """True when every leaf of every tree is finite (a step's loss and gradients).
-
-  x * 0 is 0 where x is finite and NaN where it is inf or NaN, so the sum over every element
-  is exactly 0 or NaN (no overflow). On CPU this float sum reads the gradients at 2.6x the
-  speed of per-leaf `all(isfinite)` reductions (30 against 79 ms for RefineNet-R50's 99M).
-  """
-  sums = [jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32)
-          for tree in trees for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.isfinite(jnp.sum(jnp.stack(sums))) if sums else jnp.asarray(True)
-
-
-def keep_finite_update(new_state: TrainState, old_state: TrainState, finite) -> TrainState:
-  """config.train.skip_nonfinite: a step whose loss or gradients are not finite leaves the
-  state as it was (only the step count advances)."""
-  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
-  return kept.replace(step=new_state.step)
 
 
 class NonFiniteGuard:
@@ -494,7 +349,6 @@ def template_state(config, model) -> TrainState:
 def restore_state(config, workdir: str, model, checkpoint: str = '') -> tuple[TrainState, int]:
   """(TrainState, step) from the workdir's best checkpoint, or `checkpoint` (a step number or a
   path to a step directory)."""
-  from cen_jax import checkpoints as ckpt_lib
   directory, step = workdir, None
   if checkpoint:
     if checkpoint.isdigit():
@@ -529,7 +383,6 @@ def restore_variables(config, workdir: str, model, checkpoint: str = '') -> tupl
 def import_torch_checkpoint(config, paths, workdir: str) -> int:
   """Official PyTorch checkpoint file(s) -> an orbax checkpoint (step 0) in `workdir`, from which
   eval, predict and training (fresh optimiser state) start."""
-  from cen_jax import checkpoints as ckpt_lib
   task = _task(config)
   model = build(config)
   paths = [paths] if isinstance(paths, str) else list(paths)

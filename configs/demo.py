@@ -11,7 +11,10 @@ within the short schedule.
 from cen_jax import config as config_lib
 
 
-def get_config():
+def get_config(single_input: str = ''):
+  """The CEN demo; `configs/demo.py:rgb` or `:depth`, its single-modality baselines."""
+  if single_input:
+    return one_input(single_input)
   config = config_lib.base_config()
   config.seed = 0
   config.modalities = ('rgb', 'depth')
@@ -56,6 +59,9 @@ def get_config():
 def one_input(modality):
   """The demo's network, data and budget on one input (M = 1): the single-modality baselines.
   A single branch has nothing to exchange with, so fusion is 'none' and the L1 term is off."""
+  if modality not in ('rgb', 'depth'):
+    raise ValueError(f'configs/demo.py:{modality}: expected rgb or depth (a single-input '
+                     f'baseline), or no argument')
   config = get_config()
   config.modalities = (modality,)
   config.model.fusion = 'none'

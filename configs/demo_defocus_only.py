@@ -1,7 +1,7 @@
 """Baseline for the multitask demo (configs/demo_dense.py:multitask): the segmentation demo's
 network, data and budget on the defocus image alone, with no depth or normals task (M = 1)."""
 
-from configs import demo
+from cen_jax.configs import demo
 
 
 def get_config():

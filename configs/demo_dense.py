@@ -12,7 +12,7 @@ inputs.
 
 from cen_jax import branches as branches_lib
 from cen_jax import config as config_lib
-from configs import demo
+from cen_jax.configs import demo
 
 SCENARIOS = {
     # Multimodal fusion, M = 3: three inputs, one task.

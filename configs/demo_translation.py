@@ -12,7 +12,11 @@ scales cross the threshold within the short schedule.
 from cen_jax import config as config_lib
 
 
-def get_config():
+def get_config(single_input: str = ''):
+  """The CEN translation demo; `configs/demo_translation.py:reshading` or `:edge_texture`, its
+  single-domain baselines."""
+  if single_input:
+    return one_input(single_input)
   config = config_lib.translation_config()
   config.seed = 0
   config.modalities = ('reshading', 'edge_texture')
@@ -40,4 +44,18 @@ def get_config():
   t.eval_every_epochs = 4
   t.log_every_steps = 25
   t.checkpoint_every_steps = 250
+  return config
+
+
+def one_input(domain):
+  """The translation demo's network, data and budget from one domain (M = 1): nothing to
+  exchange with, so fusion is 'none' and the sparsity term is off."""
+  if domain not in ('reshading', 'edge_texture'):
+    raise ValueError(f'configs/demo_translation.py:{domain}: expected reshading or edge_texture '
+                     f'(a single-domain baseline), or no argument')
+  config = get_config()
+  config.modalities = (domain,)
+  config.model.fusion = 'none'
+  config.train.l1_lambda = 0.0
+  config.expected = ()  # not measured over seeds
   return config

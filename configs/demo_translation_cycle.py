@@ -7,14 +7,14 @@ Every branch alone faces an ill-posed mapping (shading has no colour stripes, ed
 lighting, ...); channel exchange lets it draw on the other branches' features, one of which reads
 its target domain. The translation demo's recipe (configs/demo_translation.py) at 2,000 steps:
 the penalised scales cross the threshold after about 1,000 (the earlier 1,000-step demo never
-exchanged a channel; README); compare
+exchanged a channel; docs/scenarios.md); compare
 with `--config.model.fusion=none` (or `python -m cen_jax.ablate --config
 configs/demo_translation_cycle.py --fusions cen,none`). Metric: L1 / RMSE of each branch against
 its own target (there is no ensemble: the branches predict different domains).
 """
 
 from cen_jax import branches
-from configs import demo_translation
+from cen_jax.configs import demo_translation
 
 DOMAINS = ('reshading', 'edge_texture', 'rgb')
 

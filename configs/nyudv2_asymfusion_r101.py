@@ -1,5 +1,5 @@
 """AsymFusion (channel shuffle + pixel shift in the last bottleneck of each stage), ResNet-101,
-NYUDv2: the CEN recipe without exchange, threshold or L1 (papers.md §3.3)."""
+NYUDv2: the CEN recipe without exchange, threshold or L1 (docs/papers.md §3.3)."""
 
 from cen_jax import config as config_lib
 

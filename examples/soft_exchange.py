@@ -9,7 +9,7 @@ with `--config.model.fusion_module=examples/soft_exchange.py --config.model.fusi
 import jax
 import jax.numpy as jnp
 
-from cen_jax import fusion, fusions
+from cen_jax.fusion import ops, registry
 
 
 def soft_exchange(x, site):
@@ -17,10 +17,10 @@ def soft_exchange(x, site):
   sharpness = float(site.options.get('sharpness', 10.0))
   keep = jax.nn.sigmoid(sharpness * (jnp.abs(site.scale) / site.threshold - 1.0))
   keep = keep.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)).astype(x.dtype)
-  return keep * x + (1 - keep) * fusion.mean_of_others(x)
+  return keep * x + (1 - keep) * ops.mean_of_others(x)
 
 
 # The CEN penalty drives a disjoint part of each branch's scales towards zero, as for 'cen'.
-fusions.register('soft_exchange', points={'bn2': soft_exchange, 'norm': soft_exchange},
-                 penalty=fusions.partitioned_l1,
-                 description='soft exchange: mix with the others by sigmoid(|scale|)')
+registry.register('soft_exchange', points={'bn2': soft_exchange, 'norm': soft_exchange},
+                  penalty=registry.partitioned_l1,
+                  description='soft exchange: mix with the others by sigmoid(|scale|)')

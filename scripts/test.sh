@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Set up the environment and run the test suite on CPU (8 forced devices for multi-device tests).
-# PyTorch parity tests need torch; where Python 3.11 and the CPU torch wheel are available they
-# run in a second venv (.venv-torch) with Python 3.11 + torch 2.13.0.
+# The PyTorch parity tests (tests/parity/, marker `torch`) need torch; they run in a second venv
+# (.venv-torch) with Python 3.11 + torch 2.13.0, where the CPU torch wheel is available.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/venv.sh"
 cd "$ROOT"
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider tests "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider -m "not torch" tests "$@"
 if [ "${SKIP_TORCH_TESTS:-0}" != 1 ] && command -v python3.11 >/dev/null 2>&1; then
   TORCH_VENV="$ROOT/.venv-torch"
   [ -x "$TORCH_VENV/bin/python" ] || python3.11 -m venv "$TORCH_VENV"
   "$TORCH_VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  if "$TORCH_VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-torch.txt; then
-    "$TORCH_VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_torch_io.py tests/test_pix2pix.py \
-      tests/test_translation_interop.py tests/test_fid_torch.py tests/test_gan_two_steps.py
+  if "$TORCH_VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-torch.txt &&
+     "$TORCH_VENV/bin/python" -m pip install -q --no-deps -e . >/dev/null; then
+    "$TORCH_VENV/bin/python" -m pytest -q -p no:cacheprovider -m torch tests/parity
   else
     echo "torch could not be installed for Python 3.11: parity tests not run" >&2
     exit 1

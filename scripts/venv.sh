@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates (once) and activates .venv with the project's requirements.
+# Creates (once) and activates .venv with the project's requirements and cen_jax installed
+# (editable).
 # Python: $PYTHON if set, else Python 3.12 (JAX 0.12 is much faster on CPU), else python3.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,4 +24,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+# cen_jax itself, editable: `import cen_jax` (with data/ as cen_jax.datasets, configs/ as
+# cen_jax.configs) and the `cen-jax` command, from this checkout.
+"$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" >/dev/null
 export PATH="$VENV/bin:$PATH"

@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cen_jax import fusion as fusion_ops
-from cen_jax import fusions
+from cen_jax.fusion import ops as fusion_ops
+from cen_jax.fusion import registry
 from cen_jax.layers import InstanceNorm, PrivateInstanceNorm, SharedConv, SharedConvTranspose
 
 WEIGHT_STD = 0.02  # official normal_weight_init: conv and deconv kernels ~ N(0, 0.02)
@@ -56,7 +56,7 @@ class ConvBlock(nn.Module):
   activation: bool
   instance_norm: bool
   norm: dict  # PrivateInstanceNorm settings
-  fusion: str  # a registered fusion (cen_jax/fusions.py), applied at its point 'norm'
+  fusion: str  # a registered fusion (cen_jax/fusion/registry.py), applied at its point 'norm'
   threshold: float
   dtype: Any = jnp.float32
   index: int = 0  # encoder level (0-based)
@@ -71,9 +71,9 @@ class ConvBlock(nn.Module):
     norm = PrivateInstanceNorm(**self.norm, dtype=self.dtype, name='insnorm_conv')
     if self.instance_norm:
       out = norm(out)
-      site = fusions.Site(self.name, 0, self.index, self.num_blocks, self.threshold,
+      site = registry.Site(self.name, 0, self.index, self.num_blocks, self.threshold,
                           dict(self.fusion_options), scale=norm.variables['params']['scale'])
-      out, _ = fusions.apply_point(fusions.get(self.fusion), 'norm', out, site, {})
+      out, _ = registry.apply_point(registry.get(self.fusion), 'norm', out, site, {})
     elif self.is_initializing():
       norm(out)  # official parameters that are never applied
     return out
@@ -153,7 +153,7 @@ class Generator(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, deterministic: bool) -> dict:
-    fusions.check_translation(fusions.get(self.fusion), x.shape[0])
+    registry.check_translation(registry.get(self.fusion), x.shape[0])
     if self.num_downs < 3:
       raise ValueError(f'config.model.num_downs={self.num_downs}: the U-Net needs at least 3')
     size = x.shape[-3:-1]

@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cen_jax import fusion
-from cen_jax import fusions
+from cen_jax.fusion import ops
+from cen_jax.fusion import registry
 from cen_jax.layers import SharedConv, max_pool, resize
 from cen_jax.models.resnet import ResNetEncoder
 
@@ -89,7 +89,7 @@ class Segmenter(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
     fusion_name = self.fusion
-    if fusions.get(fusion_name).network == 'early':  # one branch on the concatenated inputs
+    if registry.get(fusion_name).network == 'early':  # one branch on the concatenated inputs
       x = jnp.concatenate(list(x), axis=-1)[None]
       fusion_name = 'none'
     num_branches = x.shape[0]
@@ -125,7 +125,7 @@ class Segmenter(nn.Module):
     logits = conv3x3(self.num_classes, 'clf_conv', use_bias=True, dtype=dt)(x1)
     logits = logits.astype(jnp.float32)
     alpha = self.param('alpha', nn.initializers.ones, (num_branches,))
-    ensemble, weights = fusion.late_ensemble(logits, alpha)
+    ensemble, weights = ops.late_ensemble(logits, alpha)
     return {'branches': logits, 'ensemble': ensemble, 'alpha': weights}
 
   def task_head(self, features, task, channels, indices) -> dict:
@@ -134,7 +134,7 @@ class Segmenter(nn.Module):
         features[jnp.asarray(indices)])
     outputs = outputs.astype(jnp.float32)
     alpha = self.param(f'alpha_{task}', nn.initializers.ones, (len(indices),))
-    ensemble, weights = fusion.late_ensemble(outputs, alpha)
+    ensemble, weights = ops.late_ensemble(outputs, alpha)
     return {'branches': outputs, 'ensemble': ensemble, 'alpha': weights}
 
 
@@ -152,5 +152,5 @@ class SeparateBranches(nn.Module):
             for m in range(x.shape[0])]
     outputs = jnp.concatenate([o['branches'] for o in outs])
     alpha = self.param('alpha', nn.initializers.ones, (x.shape[0],))
-    ensemble, weights = fusion.late_ensemble(outputs, alpha)
+    ensemble, weights = ops.late_ensemble(outputs, alpha)
     return {'branches': outputs, 'ensemble': ensemble, 'alpha': weights}

@@ -2,8 +2,8 @@
 
 Convolutions are shared by all branches (`SharedConv`); every norm is private (`[M, C]`
 parameters and statistics). The bottleneck hands its activations to the configured fusion
-(cen_jax/fusions.py) at its points 'bn1', 'act1', 'bn2', 'act2' and 'output':
-- 'cen': exchange after bn2 of every bottleneck, reading bn2's own scales (papers.md §1.1(d)).
+(cen_jax/fusion/registry.py) at its points 'bn1', 'act1', 'bn2', 'act2' and 'output':
+- 'cen': exchange after bn2 of every bottleneck, reading bn2's own scales (docs/papers.md §1.1(d)).
 - 'asymfusion': channel shuffle / pixel shift in the last bottleneck of each stage (§3.2).
 - 'none': shared convs + private norms only.
 """
@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cen_jax import fusions
+from cen_jax.fusion import registry
 from cen_jax.layers import PrivateBatchNorm, SharedConv, max_pool
 
 EXPANSION = 4
@@ -26,7 +26,7 @@ class Bottleneck(nn.Module):
   stride: int
   downsample: bool
   norm: dict  # PrivateBatchNorm settings (use_running_average, momentum, epsilon, axis_name)
-  fusion: str = 'none'  # a registered fusion (cen_jax/fusions.py)
+  fusion: str = 'none'  # a registered fusion (cen_jax/fusion/registry.py)
   threshold: float = 2e-2
   dtype: Any = jnp.float32
   stage: int = 0
@@ -38,14 +38,14 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda f, k, s, p, name: SharedConv(f, k, s, p, dtype=self.dtype, name=name)
     norm = lambda name: PrivateBatchNorm(**self.norm, dtype=self.dtype, name=name)
-    fusion = fusions.get(self.fusion)
-    site = fusions.Site(self.name, self.stage, self.index, self.num_blocks, self.threshold,
+    fusion = registry.get(self.fusion)
+    site = registry.Site(self.name, self.stage, self.index, self.num_blocks, self.threshold,
                         dict(self.fusion_options))
     carry = {}
 
     def at(point, out, scale=None):
       nonlocal carry
-      out, carry = fusions.apply_point(fusion, point, out, dataclasses.replace(site, scale=scale),
+      out, carry = registry.apply_point(fusion, point, out, dataclasses.replace(site, scale=scale),
                                        carry)
       return out
 
@@ -77,7 +77,7 @@ class ResNetEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    fusions.check_branches(fusions.get(self.fusion), x.shape[0])
+    registry.check_branches(registry.get(self.fusion), x.shape[0])
     x = SharedConv(self.stem_width, 7, 2, 3, dtype=self.dtype, name='conv1')(x)
     x = nn.relu(PrivateBatchNorm(**self.norm, dtype=self.dtype, name='bn1')(x))
     x = max_pool(x, 3, 2, 1)

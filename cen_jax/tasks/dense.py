@@ -20,19 +20,24 @@ config.train.l1_per_output. Optimiser, staged learning rates and checkpoints are
 """
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cen_jax import branches as branches_lib
-from cen_jax import fusion
-from cen_jax import fusions
 from cen_jax import metrics as metrics_lib
+from cen_jax import runtime
+from cen_jax import transforms
+from cen_jax import viz
+from cen_jax.fusion import ops
+from cen_jax.fusion import registry
 from cen_jax.layers import resize
 from cen_jax.models import build_model, exchange_scales, fusion_options
+from cen_jax.runtime import AXIS, TrainState, all_finite, sum_over_devices
+from cen_jax.tasks import dense_data
 from cen_jax.tasks import segmentation as seg
-from cen_jax.train import AXIS, TrainState, all_finite, sum_over_devices
 
 # Reused unchanged from segmentation: optimiser, stages, state and the norm scales.
 make_optimizer = seg.make_optimizer
@@ -45,12 +50,11 @@ named_norm_scales = seg.named_norm_scales
 
 TASK_LOSSES = {'semseg': 'cross_entropy', 'depth': 'l1', 'normals': 'cosine'}
 TARGET_KEYS = {'semseg': 'mask', 'depth': 'target_depth', 'normals': 'target_normals'}
-# The metric each task is judged by, and whether larger is better.
-MAIN_METRICS = {'semseg': ('miou', True), 'depth': ('rmse', False), 'normals': ('mean', False)}
 BATCH_KEYS = ('mask',)  # always present; the targets come from batch_keys(config)
 BEST_METRIC = 'main_score'  # the first task's main metric, negated when smaller is better
 BEST_MODE = 'max'
 RESULT_DIGITS = 3
+ONE_EVAL_SHAPE = False  # full images, grouped by size
 
 
 # ----------------------------------------------------------------------------- config, model
@@ -61,6 +65,19 @@ def branches(config) -> list:
 
 def task_list(config) -> list[str]:
   return branches_lib.tasks(branches(config))
+
+
+def output_kind(output: str) -> str:
+  """The task an output predicts ('semseg', 'depth', 'normals'): its kind of metric."""
+  return output.split(branches_lib.SEPARATOR)[-1]
+
+
+def train_sample(config) -> dense_data.TrainSample:
+  return dense_data.TrainSample(config)
+
+
+def eval_sample(config) -> dense_data.EvalSample:
+  return dense_data.EvalSample(config)
 
 
 def batch_keys(config) -> tuple:
@@ -76,7 +93,7 @@ def check_config(config):
     if b.task not in TASK_LOSSES:
       raise ValueError(f'config.branches: {b.name!r} has task {b.task!r}; expected one of '
                        f'{", ".join(TASK_LOSSES)}')
-  if fusions.get(config.model.fusion).network != 'shared':
+  if registry.get(config.model.fusion).network != 'shared':
     raise ValueError(f'config.model.fusion={config.model.fusion!r}: the dense task needs a '
                      f'fusion of the shared network (separate/early are segmentation baselines)')
   weights = config.train.task_weights
@@ -126,7 +143,7 @@ def output_names(config) -> list[str]:
 
 def branch_graph(config) -> list[dict]:
   """Which input each branch reads, its head and loss, and whom it exchanges with."""
-  exchanges = bool(fusions.get(config.model.fusion).points)
+  exchanges = bool(registry.get(config.model.fusion).points)
   return branches_lib.graph(branches(config), exchanges=exchanges, losses=TASK_LOSSES)
 
 
@@ -177,7 +194,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   weights = jnp.asarray([config.train.task_weights[t] for t in tasks_
                          for _ in task_output_names(config, t)], jnp.float32)
   l1_weight = config.train.l1_lambda * (len(names) if config.train.l1_per_output else 1)
-  fusion_ = fusions.get(config.model.fusion)
+  fusion_ = registry.get(config.model.fusion)
   options = dict(fusion_options(config))
 
   def objective(params):
@@ -185,7 +202,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     losses = jnp.concatenate([
         loss_sums(t, stacked_outputs(outputs['tasks'][t]), batch[TARGET_KEYS[t]], valid[t],
                   config) / counts[t] for t in tasks_])
-    l1 = fusions.penalty(fusion_, exchange_scales(params), options)
+    l1 = registry.penalty(fusion_, exchange_scales(params), options)
     total = jnp.sum(weights * losses) + l1_weight * l1 / num_devices
     return total, (losses, l1, outputs, batch_stats)
 
@@ -206,7 +223,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
       for i, n in enumerate(members):
         scalars[f'alpha/{n}'] = outputs['tasks'][t]['alpha'][i]
   if fusion_.monitor_scales:
-    below = fusion.fraction_below_threshold(exchange_scales(params), config.model.threshold)
+    below = ops.fraction_below_threshold(exchange_scales(params), config.model.threshold)
     for m, b in enumerate(branches(config)):
       scalars[f'scales_below_threshold/{b.name}'] = below[m]
   return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -247,9 +264,8 @@ def eval_step(variables, batch, *, model, config):
 
 
 def make_eval_fn(config, model):
-  from cen_jax import train
-  return train.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
-                             batch_keys(config), reduced_outputs=(True, False))
+  return runtime.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
+                               batch_keys(config), reduced_outputs=(True, False))
 
 
 def empty_stats(config) -> dict:
@@ -276,42 +292,45 @@ def scores(task: str, stats) -> dict:
   return metrics_lib.normal_scores(stats)
 
 
-def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
-             eval_fn=None) -> dict:
-  """Every output's metrics over the whole split (summed statistics, exact over batches,
-  devices and processes); eval_results.json and a preview when workdir is given."""
-  from cen_jax import input_pipeline, train
-  eval_fn = eval_fn or make_eval_fn(config, model)
-  variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
-  total, preview = None, None
-  batches = input_pipeline.eval_iterator(
-      config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  for batch in batches:
-    stats, preds = eval_fn(variables, batch)
+class Evaluation:
+  """Every output's metrics over the whole split: summed statistics, exact over batches,
+  devices and processes (runtime.evaluate)."""
+
+  def __init__(self, config, eval_fn, *, split: str, workdir=None):
+    del split, workdir
+    self.config, self.eval_fn = config, eval_fn
+    self.total = None
+
+  def add(self, variables, index: int, batch) -> dict:
+    """Accumulates one batch; returns its predictions (for the preview)."""
+    del index
+    stats, preds = self.eval_fn(variables, batch)
     stats = jax.tree.map(lambda s: np.asarray(jax.device_get(s), np.float64), stats)
-    total = stats if total is None else jax.tree.map(np.add, total, stats)
-    if preview is None and config.train.num_previews > 0:
-      preview = (batch, jax.device_get(preds))
-  if total is None:  # this process got no batch: it still joins the sums over processes
-    total = empty_stats(config)
-  total = jax.tree.map(train.sum_over_processes, total)
-  metrics = {}
-  for t in task_list(config):
-    for i, name in enumerate(task_output_names(config, t)):
-      metrics[name] = scores(t, jax.tree.map(lambda s: s[i], total[t]))
-  results = {'step': int(step), 'split': split, 'metrics': metrics,
-             BEST_METRIC: main_score(config, metrics)}
-  train.write_eval_outputs(config, results, workdir=workdir, writer=writer,
-                           preview=preview_image(config, *preview) if preview else None)
-  return results
+    self.total = stats if self.total is None else jax.tree.map(np.add, self.total, stats)
+    return jax.device_get(preds)
+
+  def results(self) -> dict:
+    config = self.config
+    # A process that got no batch still joins the sums over processes.
+    total = empty_stats(config) if self.total is None else self.total
+    total = jax.tree.map(runtime.sum_over_processes, total)
+    metrics = {}
+    for t in task_list(config):
+      for i, name in enumerate(task_output_names(config, t)):
+        metrics[name] = scores(t, jax.tree.map(lambda s: s[i], total[t]))
+    return {'metrics': metrics, BEST_METRIC: main_score(config, metrics)}
+
+
+def evaluate(config, model, variables, **kwargs) -> dict:
+  """runtime.evaluate of this task (split, step, workdir, writer, eval_fn)."""
+  return runtime.evaluate(sys.modules[__name__], config, model, variables, **kwargs)
 
 
 def main_score(config, metrics) -> float:
   """The first task's main metric of its last output (its ensemble when it has several
   branches), negated when smaller is better: what the 'best' checkpoint maximises."""
   task = task_list(config)[0]
-  metric, larger_is_better = MAIN_METRICS[task]
+  metric, _, larger_is_better = metrics_lib.MAIN_METRICS[task]
   value = float(metrics[task_output_names(config, task)[-1]][metric])
   return value if larger_is_better else -value
 
@@ -323,20 +342,19 @@ def best_value(results) -> float:
 def progress_line(results) -> str:
   parts = []
   for name, s in results['metrics'].items():
-    metric, _ = MAIN_METRICS[name.split(branches_lib.SEPARATOR)[-1]]
-    parts.append(f'{name} {metric} {s[metric]:.3f}')
+    metric, _, _ = metrics_lib.MAIN_METRICS[output_kind(name)]
+    parts.append(f'{name} {metric} {s[metric]:.{RESULT_DIGITS}f}')
   return ', '.join(parts)
 
 
 def preview_image(config, batch, preds) -> np.ndarray:
   """Per example: the inputs, then per task its target and every output's prediction."""
-  from cen_jax import input_pipeline, viz
   rows = []
   count = min(config.train.num_previews, len(batch['mask']))
   for i in range(count):
     if 'valid' in batch and not batch['valid'][i]:
       continue
-    panels = [(n, input_pipeline.to_display_image(config, n, batch[n][i]))
+    panels = [(n, transforms.display_image(config, n, batch[n][i]))
               for n in config.modalities]
     for t in task_list(config):
       target = np.asarray(batch[TARGET_KEYS[t]][i])
@@ -350,7 +368,6 @@ def preview_image(config, batch, preds) -> np.ndarray:
 def display(task: str, x, like=None) -> np.ndarray:
   """uint8 HxWx3: class colours, depth as grey (scaled by the target's range), normals as
   (n + 1) / 2 colours."""
-  from cen_jax import viz
   if task == 'semseg':
     return viz.colorize(x)
   if task == 'normals':

@@ -1,8 +1,8 @@
-"""Semantic segmentation (RGB-D, RefineNet-LW on a multimodal ResNet): the task the shared runner
+"""Semantic segmentation (RGB-D, RefineNet-LW on a multimodal ResNet): the task the runner
 (cen_jax/train.py) drives for `config.task = 'segmentation'`.
 
 The loss is normalised by the *global* count of labelled pixels, so a data-parallel step equals
-one single-device step on the whole batch. Official recipe (papers.md §1.2): two SGD groups
+one single-device step on the whole batch. Official recipe (docs/papers.md §1.2): two SGD groups
 (encoder / decoder + alpha) with staged learning rates applied in the step and the optimiser
 state reset at each stage; CE of every branch and the ensemble on bilinearly upsampled logits;
 L1 on the partitioned bn2 scales, counted per output.
@@ -10,24 +10,35 @@ L1 on the partitioned bn2 scales, counted per output.
 
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cen_jax import fusion
-from cen_jax import fusions
+from cen_jax import config as config_lib
 from cen_jax import metrics as metrics_lib
+from cen_jax import models
+from cen_jax import runtime
+from cen_jax import torch_io  # numpy-only unless a file is a .pth
+from cen_jax import transforms
+from cen_jax import viz
+from cen_jax.fusion import ops
+from cen_jax.fusion import registry
 from cen_jax.layers import resize
 from cen_jax.models import (branch_names, build_model, exchange_scales, fusion_options,
                             is_encoder, path_str)
-from cen_jax.train import AXIS, TrainState, all_finite, sum_over_devices
+from cen_jax.runtime import AXIS, TrainState, all_finite, sum_over_devices
+from cen_jax.tasks import segmentation_data
+from cen_jax.tasks import segmentation_predict
 
 BATCH_KEYS = ('mask',)
+OUTPUT_KIND = 'semseg'  # main metric mIoU (metrics.MAIN_METRICS)
 BEST_METRIC = 'ensemble_miou'
 BEST_MODE = 'max'
 RESULT_DIGITS = 2  # metrics are percentages
+ONE_EVAL_SHAPE = False  # full images, grouped by size
 
 
 # ----------------------------------------------------------------------------- config, model
@@ -37,7 +48,7 @@ def check_config(config):
   if not len(t.stage_epochs) == len(t.lr_enc) == len(t.lr_dec):
     raise ValueError(f'config.train: stage_epochs, lr_enc and lr_dec need one entry per stage, '
                      f'got {len(t.stage_epochs)}, {len(t.lr_enc)}, {len(t.lr_dec)}')
-  network = fusions.get(config.model.fusion).network
+  network = registry.get(config.model.fusion).network
   if config.model.init_from and network != 'shared':
     raise ValueError(f'config.model.init_from={config.model.init_from!r}: ImageNet weights '
                      f'initialise the shared network only, not fusion '
@@ -63,7 +74,6 @@ def initial_state_variables(config, model, rng):
   """Random init, with the encoder from a torchvision ImageNet ResNet when init_from is set."""
   variables = init_variables(config, model, rng)
   if config.model.init_from:
-    from cen_jax import torch_io  # numpy-only unless the file is a .pth
     weights = torch_io.load_state_dict(config.model.init_from)
     variables = torch_io.import_torchvision_resnet(weights, jax.device_get(variables))
   return variables
@@ -82,12 +92,19 @@ def eval_variables(state) -> dict:
 
 def named_norm_scales(params) -> list:
   """[(block, [M, C] scale)] of the norms at the exchange point (bn2 of every bottleneck)."""
-  from cen_jax import models
   return models.named_exchange_scales(params)
 
 
 def output_names(config) -> list[str]:
   return branch_names(config) + ['ensemble']
+
+
+def train_sample(config) -> segmentation_data.TrainSample:
+  return segmentation_data.TrainSample(config)
+
+
+def eval_sample(config) -> segmentation_data.EvalSample:
+  return segmentation_data.EvalSample(config)
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -201,7 +218,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   count = jnp.maximum(jax.lax.psum(jnp.sum(valid), AXIS), 1).astype(jnp.float32)
   num_devices = jax.lax.psum(1, AXIS)
   l1_weight = config.train.l1_lambda * (num_outputs if config.train.l1_per_output else 1)
-  fusion_ = fusions.get(config.model.fusion)
+  fusion_ = registry.get(config.model.fusion)
   options = dict(fusion_options(config))
 
   def objective(params):
@@ -209,7 +226,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     ce_sums, _ = cross_entropy_sums(stacked_logits(outputs), batch['mask'],
                                     config.data.ignore_label)
     ce = ce_sums / count  # this device's share of each output's global mean
-    l1 = fusions.penalty(fusion_, exchange_scales(params), options)
+    l1 = registry.penalty(fusion_, exchange_scales(params), options)
     total = jnp.sum(ce) + l1_weight * l1 / num_devices
     return total, (ce, l1, outputs, batch_stats)
 
@@ -228,7 +245,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   for m, name in enumerate(branch_names(config)):
     scalars[f'alpha/{name}'] = outputs['alpha'][m]
   if fusion_.monitor_scales:
-    below = fusion.fraction_below_threshold(exchange_scales(params), config.model.threshold)
+    below = ops.fraction_below_threshold(exchange_scales(params), config.model.threshold)
     for m, name in enumerate(config.modalities):
       scalars[f'scales_below_threshold/{name}'] = below[m]
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -276,61 +293,64 @@ def eval_step(variables, batch, *, model, config):
 
 def make_eval_fn(config, model):
   """(variables, host_batch) -> (confusion matrices, predictions) on this process's devices."""
-  from cen_jax import train
-  return train.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
-                             BATCH_KEYS, reduced_outputs=(True, False))
+  return runtime.local_eval_fn(config, functools.partial(eval_step, model=model, config=config),
+                               BATCH_KEYS, reduced_outputs=(True, False))
 
 
-def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
-             eval_fn=None) -> dict:
-  """Exact confusion-matrix metrics over the whole split, for every branch and the ensemble.
+class Evaluation:
+  """Exact confusion-matrix metrics over the whole split, for every branch and the ensemble:
+  each process sums its batches' matrices, then the processes' are summed (runtime.evaluate)."""
 
-  Each process evaluates its share on its local devices; confusion matrices are summed over
-  processes. Writes <workdir>/eval_results.json and a preview PNG when workdir is given. Pass
-  the same `eval_fn` (make_eval_fn) to repeated evaluations so they compile once.
-  """
-  from cen_jax import input_pipeline, train
-  eval_fn = eval_fn or make_eval_fn(config, model)
-  variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
-  names = output_names(config)
-  conf = None
-  preview = None
-  batches = input_pipeline.eval_iterator(
-      config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  for batch in batches:
-    batch_conf, preds = eval_fn(variables, batch)
-    conf = batch_conf if conf is None else conf + batch_conf
-    if preview is None and config.train.num_previews > 0:
-      preview = (batch, preds)
-  conf = np.zeros((len(names),) + (config.model.num_classes,) * 2, np.int64) if conf is None \
-      else np.asarray(jax.device_get(conf), np.int64)
-  conf = train.sum_over_processes(conf)
-  results = {'step': int(step), 'split': split,
-             'metrics': {n: metrics_lib.scores(conf[i]) for i, n in enumerate(names)}}
-  train.write_eval_outputs(config, results, workdir=workdir, writer=writer,
-                           preview=preview_image(config, *preview) if preview else None)
-  return results
+  def __init__(self, config, eval_fn, *, split: str, workdir=None):
+    del split, workdir
+    self.config, self.eval_fn = config, eval_fn
+    self.conf = None
+
+  def add(self, variables, index: int, batch) -> jax.Array:
+    """Accumulates one batch; returns its predictions (for the preview)."""
+    del index
+    batch_conf, preds = self.eval_fn(variables, batch)
+    self.conf = batch_conf if self.conf is None else self.conf + batch_conf
+    return preds
+
+  def results(self) -> dict:
+    names = output_names(self.config)
+    conf = np.zeros((len(names),) + (self.config.model.num_classes,) * 2, np.int64) \
+        if self.conf is None else np.asarray(jax.device_get(self.conf), np.int64)
+    conf = runtime.sum_over_processes(conf)
+    return {'metrics': {n: metrics_lib.scores(conf[i]) for i, n in enumerate(names)}}
+
+
+def evaluate(config, model, variables, **kwargs) -> dict:
+  """runtime.evaluate of this task (split, step, workdir, writer, eval_fn)."""
+  return runtime.evaluate(sys.modules[__name__], config, model, variables, **kwargs)
+
+
+def output_kind(output: str) -> str:
+  del output
+  return OUTPUT_KIND
 
 
 def best_value(results) -> float:
-  return float(results['metrics']['ensemble']['miou'])
+  """The ensemble's main metric (mIoU): what the 'best' checkpoint maximises."""
+  key, _, _ = metrics_lib.MAIN_METRICS[OUTPUT_KIND]
+  return float(results['metrics']['ensemble'][key])
 
 
 def progress_line(results) -> str:
-  return ', '.join(f'{n} mIoU {s["miou"]:.2f}' for n, s in results['metrics'].items())
+  key, label, _ = metrics_lib.MAIN_METRICS[OUTPUT_KIND]
+  return ', '.join(f'{n} {label} {s[key]:.{RESULT_DIGITS}f}' for n, s in results['metrics'].items())
 
 
 def preview_image(config, batch, preds) -> np.ndarray:
   """Inputs, ground truth and each output's prediction for the first examples of a batch."""
-  from cen_jax import input_pipeline, viz
   preds = np.asarray(jax.device_get(preds))
   rows = []
   count = min(config.train.num_previews, preds.shape[1])
   for i in range(count):
     if 'valid' in batch and not batch['valid'][i]:
       continue
-    inputs = {n: input_pipeline.to_display_image(config, n, batch[n][i])
+    inputs = {n: transforms.display_image(config, n, batch[n][i])
               for n in config.modalities}
     predictions = {n: preds[o, i] for o, n in enumerate(output_names(config))}
     rows.append(viz.preview_grid(inputs, np.asarray(batch['mask'][i]), predictions))
@@ -341,7 +361,6 @@ def preview_image(config, batch, preds) -> np.ndarray:
 
 def summary(config) -> list[str]:
   """Parameter count and forward GFLOPs (XLA cost analysis) at crop_size, from shapes only."""
-  from cen_jax import config as config_lib
   lines = model_summary(config, build_model(config), len(config.modalities))
   return [f'model: {config.model.fusion} resnet blocks '
           f'{config_lib.resnet_blocks(config.model)}, modalities {list(config.modalities)}, '
@@ -351,7 +370,6 @@ def summary(config) -> list[str]:
 
 def model_summary(config, model, num_branches: int) -> list[str]:
   """['params: P', 'gflops: G'] of `model` at crop_size, from shapes only."""
-  from cen_jax import models
   size = config.data.crop_size
   x = jax.ShapeDtypeStruct((num_branches, 1, size, size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x,
@@ -365,22 +383,21 @@ def model_summary(config, model, num_branches: int) -> list[str]:
 
 def predict(config, model, variables, inputs, output, *, save_logits=False) -> list:
   """Segment one image per modality (or matching files of one folder per modality)."""
-  del model  # cen_jax.predict builds its own inference function
-  from cen_jax import predict as predict_lib
+  del model  # segmentation_predict builds its own inference function
   if all(os.path.isdir(p) for p in inputs):
-    return predict_lib.predict_folder(config, variables, inputs, output, save_logits=save_logits)
-  return predict_lib.predict_files(config, variables, inputs, output, save_logits=save_logits)
+    return segmentation_predict.predict_folder(config, variables, inputs, output,
+                                               save_logits=save_logits)
+  return segmentation_predict.predict_files(config, variables, inputs, output,
+                                            save_logits=save_logits)
 
 
 def import_torch_variables(config, model, path: str) -> dict:
   """Variables from an official CEN/AsymFusion PyTorch checkpoint."""
-  from cen_jax import torch_io
   variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
   return torch_io.import_cen_checkpoint(torch_io.load_state_dict(path), variables)
 
 
 def export_torch(state, output: str) -> list[str]:
   """The official-style state_dict at `output` (a .pth file)."""
-  from cen_jax import torch_io
   torch_io.save_torch_checkpoint(output, eval_variables(state))
   return [output]

@@ -1,7 +1,7 @@
-"""Multi-domain image translation (pix2pix with channel exchange): the task the shared runner
+"""Multi-domain image translation (pix2pix with channel exchange): the task the runner
 (cen_jax/train.py) drives for `config.task = 'translation'`.
 
-Official recipe (yikaiw/CEN image2image_translation/main.py; papers.md §1.1(i), §1.2): one
+Official recipe (yikaiw/CEN image2image_translation/main.py; docs/papers.md §1.1(i), §1.2): one
 generator whose M branches (one per input domain) share every convolution, keep private
 InstanceNorm and exchange channels by its scales; one PatchGAN discriminator shared by all
 branches. Each step trains D, then G against the updated D:
@@ -42,15 +42,27 @@ import numpy as np
 import optax
 
 from cen_jax import branches as branches_lib
-from cen_jax import fusion
-from cen_jax import fusions
+from cen_jax import fid
+from cen_jax import image_files
+from cen_jax import input_pipeline
+from cen_jax import metrics as metrics_lib
 from cen_jax import models
-from cen_jax.train import AXIS, TrainState, all_finite, sum_over_devices
+from cen_jax import runtime
+from cen_jax import torch_io
+from cen_jax import viz
+from cen_jax.fusion import ops
+from cen_jax.io_utils import atomic_write
+from cen_jax.fusion import registry
+from cen_jax.runtime import AXIS, TrainState, all_finite, sum_over_devices
+from cen_jax.tasks import translation_data
+from cen_jax.tasks.translation_data import branch_targets, has_ensemble
 
 BATCH_KEYS = ('target',)
+OUTPUT_KIND = 'image'  # every output is an image: main metric L1 (metrics.MAIN_METRICS)
 BEST_METRIC = 'ensemble_l1'
 BEST_MODE = 'min'
 RESULT_DIGITS = 4
+ONE_EVAL_SHAPE = True  # every example is resized to crop_size
 
 Models = collections.namedtuple('Models', ['generator', 'discriminator'])
 NETS = ('generator', 'discriminator')
@@ -59,7 +71,7 @@ NETS = ('generator', 'discriminator')
 # ----------------------------------------------------------------------------- config, model
 
 def check_config(config):
-  fusions.check_translation(fusions.get(config.model.fusion), len(branches_lib.inputs(config)))
+  registry.check_translation(registry.get(config.model.fusion), len(branches_lib.inputs(config)))
   if config.get('branches', ()):
     branches_lib.check_inputs(config)
     for b in branches_lib.of_config(config):
@@ -78,7 +90,6 @@ def check_config(config):
 
 
 def build(config, *, axis_name=AXIS) -> Models:
-  from cen_jax import models
   return Models(*models.build_translation_models(config, axis_name=axis_name))
 
 
@@ -183,13 +194,12 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return min(total, config.train.max_steps) if config.train.max_steps > 0 else total
 
 
-def branch_targets(config) -> list[str]:
-  return [b.task for b in branches_lib.of_config(config)]
+def train_sample(config) -> translation_data.TrainSample:
+  return translation_data.TrainSample(config)
 
 
-def has_ensemble(config) -> bool:
-  """The late ensemble exists when every branch predicts the same domain."""
-  return len(set(branch_targets(config))) == 1
+def eval_sample(config) -> translation_data.EvalSample:
+  return translation_data.EvalSample(config)
 
 
 def output_names(config) -> list[str]:
@@ -197,18 +207,15 @@ def output_names(config) -> list[str]:
 
 
 def exchange_scales(generator_params) -> list:
-  from cen_jax import models
   return models.translation_exchange_scales(generator_params)
 
 
 def named_norm_scales(params) -> list:
   """[(block, [M, C] scale)] of the generator's encoder InstanceNorms (conv1..convN)."""
-  from cen_jax import models
   return models.named_translation_exchange_scales(params['generator'])
 
 
 def fusion_options(config) -> tuple:
-  from cen_jax import models
   return models.fusion_options(config)
 
 
@@ -287,7 +294,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
 
   # Generator against the updated discriminator.
   pixels = global_n * np.prod(y.shape[-3:])  # per output: N x S x S x 3
-  fusion_ = fusions.get(config.model.fusion)
+  fusion_ = registry.get(config.model.fusion)
   use_slim = fusion_.penalty is not None and t.l1_lambda > 0
   options = dict(fusion_options(config))
 
@@ -298,7 +305,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     outputs = stacked_outputs(out, ensemble).astype(jnp.float32)
     diff = jnp.abs(outputs - output_targets(y, outputs.shape[0]).astype(jnp.float32))
     pixel_l1 = jnp.sum(diff, axis=tuple(range(1, diff.ndim))) / pixels  # [M + 1]
-    slim = (fusions.penalty(fusion_, exchange_scales(params), options) if use_slim
+    slim = (registry.penalty(fusion_, exchange_scales(params), options) if use_slim
             else jnp.zeros(()))
     total = (jnp.sum(adversarial) + t.l1_weight * jnp.sum(pixel_l1)
              + t.l1_lambda * slim / num_devices)
@@ -325,7 +332,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     for m, name in enumerate(models.branch_names(config)):
       scalars[f'alpha/{name}'] = alpha[m]
   if fusion_.monitor_scales:
-    below = fusion.fraction_below_threshold(exchange_scales(g_params), config.model.threshold)
+    below = ops.fraction_below_threshold(exchange_scales(g_params), config.model.threshold)
     for m, name in enumerate(models.branch_names(config)):
       scalars[f'scales_below_threshold/{name}'] = below[m]
   new_state = TrainState(
@@ -362,7 +369,6 @@ def eval_step(inputs, batch, *, model, config, with_target_features=True):
   l1, mse = jnp.mean(jnp.abs(diff), axes), jnp.mean(jnp.square(diff), axes)
   if inception is None:
     return l1, mse, outputs
-  from cen_jax import fid
   images = outputs.astype(jnp.float32)
   if with_target_features:
     images = jnp.concatenate([images, batch['target'][None].astype(jnp.float32)], axis=0)
@@ -379,12 +385,10 @@ def fid_enabled(config) -> bool:
 def make_eval_fn(config, model):
   """run((variables, key, inception variables or None), host_batch); with FID on, the variant
   without target features is run.outputs_only."""
-  from cen_jax import train
-
   def build(with_target_features):
     step = functools.partial(eval_step, model=model, config=config,
                              with_target_features=with_target_features)
-    return train.local_eval_fn(config, step, BATCH_KEYS,
+    return runtime.local_eval_fn(config, step, BATCH_KEYS,
                                reduced_outputs=(False,) * (4 if fid_enabled(config) else 3))
 
   run = build(True)
@@ -401,7 +405,6 @@ _INCEPTION_CACHE = {}
 
 def inception_variables(config) -> dict:
   """The FID Inception's variables from config.eval.inception_weights (read once per file)."""
-  from cen_jax import fid
   path = config.eval.inception_weights
   key = (path, os.path.getmtime(path) if os.path.isfile(path) else None)
   if key not in _INCEPTION_CACHE:
@@ -433,7 +436,6 @@ def load_real_features(path, fingerprint: str, count: int):
 
 
 def save_real_features(path, fingerprint: str, feats) -> None:
-  from cen_jax.io_utils import atomic_write
   if path is None or jax.process_index() != 0:
     return
   with atomic_write(path, 'wb') as f:
@@ -453,10 +455,9 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
 
 
 def sum_stats_over_processes(stats):
-  from cen_jax import fid, train
-  flat = train.sum_over_processes(np.concatenate([[s.count] for s in stats] +
-                                                 [s.total for s in stats] +
-                                                 [s.gram.ravel() for s in stats]))
+  flat = runtime.sum_over_processes(np.concatenate([[s.count] for s in stats] +
+                                                   [s.total for s in stats] +
+                                                   [s.gram.ravel() for s in stats]))
   o, d = len(stats), stats[0].total.shape[0]
   counts, totals, grams = np.split(flat, [o, o + o * d])
   return [fid.FeatureStats(int(round(counts[i])), totals.reshape(o, d)[i],
@@ -464,7 +465,6 @@ def sum_stats_over_processes(stats):
 
 
 def fid_kid_scores(output_stats, output_feats, real_stats, real_feats, *, seed) -> list[dict]:
-  from cen_jax import fid
   return [{'fid': fid.fid_from_stats(stats, real_stats),
            'kid': fid.kid(feats, real_feats, seed=seed)}
           for stats, feats in zip(output_stats, output_feats)]
@@ -475,79 +475,90 @@ def eval_key(config, batch_index: int):
   return jax.random.fold_in(jax.random.key(config.seed + 1), batch_index)
 
 
-def evaluate(config, model, variables, *, split, step, workdir=None, writer=None,
-             eval_fn=None) -> dict:
+class Evaluation:
   """L1 and RMSE (and with inception weights FID and KID x100) of every branch and the ensemble
-  over the whole split (each process its share; sums combined over processes). Writes
-  eval_results.json and a preview."""
-  from cen_jax import fid, input_pipeline, train
-  eval_fn = eval_fn or make_eval_fn(config, model)
-  variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
-  names = output_names(config)
-  sums = np.zeros((2, len(names)), np.float64)  # per output: sum of per-image L1, of MSE
-  count = 0
-  preview = None
-  inception = real_feats = real_path = fingerprint = None
-  run = eval_fn
-  if fid_enabled(config):
-    inception, fingerprint = inception_variables(config)
-    fingerprint += f' fid_8bit={bool(config.eval.fid_8bit)}'  # what the cached features depend on
-    inception = jax.device_put(inception, eval_fn.replicated)
-    real_path = real_features_path(config, split, workdir)
-    real_feats = load_real_features(real_path, fingerprint,
-                                    input_pipeline.num_examples(config, split))
-    cached_everywhere = train.sum_over_processes(
-        np.asarray([real_feats is not None], np.int64))[0] == jax.process_count()
-    if cached_everywhere:
-      run = eval_fn.outputs_only
-    else:
-      real_feats = None
-    stats = [fid.empty_stats() for _ in range(len(names) + (real_feats is None))]
-    local_feats = [[] for _ in stats]
-  batches = input_pipeline.eval_iterator(
-      config, split, batch_size=config.data.eval_batch_size * eval_fn.num_devices,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  for index, batch in enumerate(batches):
-    key = jax.device_put(eval_key(config, index * jax.process_count() + jax.process_index()),
-                         eval_fn.replicated)
-    l1, mse, outputs, *feats = run((variables, key, inception), batch)
+  (each process its share of the batches; sums combined over processes), for the evaluate loop
+  (runtime.evaluate)."""
+
+  def __init__(self, config, eval_fn, *, split: str, workdir=None):
+    self.config, self.eval_fn = config, eval_fn
+    self.names = output_names(config)
+    self.sums = np.zeros((2, len(self.names)), np.float64)  # per output: sum of L1, of MSE
+    self.count = 0
+    self.inception = self.real_feats = self.real_path = self.fingerprint = None
+    self.run = eval_fn
+    if fid_enabled(config):
+      inception, fingerprint = inception_variables(config)
+      # What the cached features depend on.
+      self.fingerprint = fingerprint + f' fid_8bit={bool(config.eval.fid_8bit)}'
+      self.inception = jax.device_put(inception, eval_fn.replicated)
+      self.real_path = real_features_path(config, split, workdir)
+      real_feats = load_real_features(self.real_path, self.fingerprint,
+                                      input_pipeline.num_examples(config, split))
+      cached_everywhere = runtime.sum_over_processes(
+          np.asarray([real_feats is not None], np.int64))[0] == jax.process_count()
+      if cached_everywhere:
+        self.run = eval_fn.outputs_only
+        self.real_feats = real_feats
+      self.stats = [fid.empty_stats() for _ in range(len(self.names) + (self.real_feats is None))]
+      self.local_feats = [[] for _ in self.stats]
+
+  def add(self, variables, index: int, batch) -> jax.Array:
+    """Accumulates one batch; returns its outputs (for the preview)."""
+    key = jax.device_put(eval_key(self.config, index * jax.process_count() + jax.process_index()),
+                         self.eval_fn.replicated)
+    l1, mse, outputs, *feats = self.run((variables, key, self.inception), batch)
     valid = np.asarray(batch['valid'], bool)
     l1, mse = np.asarray(l1, np.float64)[:, valid], np.asarray(mse, np.float64)[:, valid]
-    sums += np.stack([l1.sum(1), mse.sum(1)])
-    count += int(valid.sum())
+    self.sums += np.stack([l1.sum(1), mse.sum(1)])
+    self.count += int(valid.sum())
     if feats:
       feats = np.asarray(feats[0])[:, valid]
-      stats = [fid.add_features(s, f) for s, f in zip(stats, feats)]
-      for kept, f in zip(local_feats, feats):
+      self.stats = [fid.add_features(s, f) for s, f in zip(self.stats, feats)]
+      for kept, f in zip(self.local_feats, feats):
         kept.append(f)
-    if preview is None and config.train.num_previews > 0:
-      preview = preview_image(config, batch, outputs)
-  totals = train.sum_over_processes(np.concatenate([sums.ravel(), [count]]))
-  sums, count = totals[:-1].reshape(sums.shape), max(int(totals[-1]), 1)
-  metrics = {n: {'l1': float(sums[0, o] / count), 'rmse': float(np.sqrt(sums[1, o] / count))}
-             for o, n in enumerate(names)}
-  if inception is not None:
-    all_feats = gather_rows(np.stack([np.concatenate(f) for f in local_feats]))
-    stats = sum_stats_over_processes(stats)
-    if real_feats is None:  # computed in this pass: streamed like the outputs'
-      real_feats, real_stats = all_feats[-1], stats[-1]
-      save_real_features(real_path, fingerprint, real_feats)
-    else:
-      real_stats = fid.stats_of(real_feats)
-    for name, scores in zip(names, fid_kid_scores(stats[:len(names)], all_feats[:len(names)],
-                                                  real_stats, real_feats, seed=config.seed)):
-      metrics[name].update(scores)
-  results = {'step': int(step), 'split': split, 'metrics': metrics}
-  train.write_eval_outputs(config, results, workdir=workdir, writer=writer, preview=preview)
-  return results
+    return outputs
+
+  def results(self) -> dict:
+    names = self.names
+    totals = runtime.sum_over_processes(np.concatenate([self.sums.ravel(), [self.count]]))
+    sums, count = totals[:-1].reshape(self.sums.shape), max(int(totals[-1]), 1)
+    metrics = {n: {'l1': float(sums[0, o] / count), 'rmse': float(np.sqrt(sums[1, o] / count))}
+               for o, n in enumerate(names)}
+    if self.inception is not None:
+      all_feats = gather_rows(np.stack([np.concatenate(f) for f in self.local_feats]))
+      stats = sum_stats_over_processes(self.stats)
+      real_feats = self.real_feats
+      if real_feats is None:  # computed in this pass: streamed like the outputs'
+        real_feats, real_stats = all_feats[-1], stats[-1]
+        save_real_features(self.real_path, self.fingerprint, real_feats)
+      else:
+        real_stats = fid.stats_of(real_feats)
+      for name, scores in zip(names, fid_kid_scores(stats[:len(names)], all_feats[:len(names)],
+                                                    real_stats, real_feats,
+                                                    seed=self.config.seed)):
+        metrics[name].update(scores)
+    return {'metrics': metrics}
+
+
+def evaluate(config, model, variables, **kwargs) -> dict:
+  """runtime.evaluate of this task (split, step, workdir, writer, eval_fn)."""
+  return runtime.evaluate(sys.modules[__name__], config, model, variables, **kwargs)
+
+
+def output_kind(output: str) -> str:
+  del output
+  return OUTPUT_KIND
 
 
 def best_value(results) -> float:
-  """The ensemble's L1, or the mean L1 of the branches when they have different targets."""
+  """The ensemble's main metric (L1), or the branches' mean when they have different targets:
+  what the 'best' checkpoint minimises."""
+  key, _, _ = metrics_lib.MAIN_METRICS[OUTPUT_KIND]
   metrics = results['metrics']
   if 'ensemble' in metrics:
-    return float(metrics['ensemble']['l1'])
-  return float(np.mean([s['l1'] for s in metrics.values()]))
+    return float(metrics['ensemble'][key])
+  return float(np.mean([s[key] for s in metrics.values()]))
 
 
 def progress_line(results) -> str:
@@ -558,7 +569,6 @@ def progress_line(results) -> str:
 
 def preview_image(config, batch, outputs) -> np.ndarray:
   """Rows of: each input domain, the target, each output (first examples of a batch)."""
-  from cen_jax import viz
   outputs = np.asarray(jax.device_get(outputs))
   rows = []
   for i in range(min(config.train.num_previews, outputs.shape[1])):
@@ -582,7 +592,6 @@ def preview_image(config, batch, outputs) -> np.ndarray:
 
 def summary(config) -> list[str]:
   """Parameter counts of G and D and the generator's forward GFLOPs, from shapes only."""
-  from cen_jax import models
   model = build(config, axis_name=None)
   x = jax.ShapeDtypeStruct((len(branches_lib.inputs(config)), 1) + image_shape(config),
                            jnp.float32)
@@ -609,7 +618,6 @@ def import_torch_variables(config, model, generator_path: str,
                            discriminator_path: str = '') -> dict:
   """Variables from the official checkpoint-gen.pkl (and checkpoint-dis.pkl; without it the
   discriminator keeps its fresh initialisation)."""
-  from cen_jax import torch_io
   variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
   nets = {'generator': torch_io.import_generator(torch_io.load_state_dict(generator_path),
                                                  _network_variables(variables, 'generator'))}
@@ -622,7 +630,6 @@ def import_torch_variables(config, model, generator_path: str,
 
 def export_torch(state, output: str) -> list[str]:
   """The official checkpoint-gen.pkl and checkpoint-dis.pkl (plain state_dicts) in `output`."""
-  from cen_jax import torch_io
   state = jax.device_get(state)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   paths = [os.path.join(output, 'checkpoint-gen.pkl'), os.path.join(output, 'checkpoint-dis.pkl')]
@@ -637,10 +644,8 @@ def predict(config, model, variables, inputs, output, *, save_logits=False) -> l
   generator outputs <stem>_<output>.npy (float32 [S, S, 3] in [-1, 1]). Inputs are read as the
   dataset's files (Taskonomy: the official per-domain preprocessing) and resized to crop_size
   as in evaluation."""
-  from cen_jax import predict as predict_lib
-  from cen_jax import translation_data, viz
   if all(os.path.isdir(p) for p in inputs):
-    examples = predict_lib.match_folders(config, inputs)
+    examples = image_files.match_folders(config.modalities, inputs)
   else:
     examples = [(os.path.splitext(os.path.basename(inputs[0]))[0], list(inputs))]
   forward = jax.jit(functools.partial(generate, model=model, config=config))
@@ -648,7 +653,7 @@ def predict(config, model, variables, inputs, output, *, save_logits=False) -> l
   written = []
   for stem, paths in examples:
     x = np.stack([translation_data.to_unit_range(translation_data.resize(
-        translation_data.file_to_stored(config, name, predict_lib.read_image(path, name)),
+        translation_data.file_to_stored(config, name, image_files.read_image(path, name)),
         size))
         for name, path in zip(config.modalities, paths)])
     x = x[np.asarray([config.modalities.index(n) for n in branches_lib.inputs(config)])][:, None]
@@ -658,6 +663,6 @@ def predict(config, model, variables, inputs, output, *, save_logits=False) -> l
       viz.save_png(image_path, viz.to_uint8_image(outputs[o, 0]))
       written.append(image_path)
       if save_logits:
-        written.append(predict_lib.save_npy(os.path.join(output, f'{stem}_{name}.npy'),
+        written.append(image_files.save_npy(os.path.join(output, f'{stem}_{name}.npy'),
                                             np.asarray(outputs[o, 0], np.float32)))
   return written

@@ -22,15 +22,11 @@ the depth task is the stored depth (x config.data.depth_target_scale).
 
 import dataclasses
 import os
-import sys
 
 import tensorflow_datasets as tfds
 
-try:
-  from data import rgbd_files
-except ImportError:  # loaded by file path (e.g. `tfds build data/<name>`)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from data import rgbd_files
+from cen_jax import preprocess
+
 
 NUM_CLASSES = 40
 IGNORE_LABEL = 255
@@ -59,6 +55,10 @@ class NyuConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """NYUDv2 40-class RGB-D segmentation (official CEN layout)."""
 
+  # This file's folder, where TFDS looks for metadata: TFDS would derive it from the module
+  # name, cen_jax.datasets.<name>, which is not a folder in an editable checkout (data/<name>).
+  pkg_dir_path = tfds.core.Path(os.path.dirname(os.path.abspath(__file__)))
+
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
@@ -72,7 +72,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=rgbd_files.features(tfds, normals=bool(self.builder_config.normals_dir)),
+        features=preprocess.features(tfds, normals=bool(self.builder_config.normals_dir)),
         supervised_keys=None,
         homepage='https://cs.nyu.edu/~fergus/datasets/nyu_depth_v2.html',
         disable_shuffling=True,  # keep list order
@@ -80,12 +80,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
-    rgbd_files.check_manual_dir(manual_dir, _INSTRUCTIONS)
-    return {split: self._generate_examples(manual_dir, rgbd_files.find_list(manual_dir, split))
+    preprocess.check_manual_dir(manual_dir, _INSTRUCTIONS)
+    return {split: self._generate_examples(manual_dir, preprocess.find_list(manual_dir, split))
             for split in ('train', 'test')}
 
   def _generate_examples(self, manual_dir, list_path):
-    yield from rgbd_files.generate_examples(
+    yield from preprocess.generate_examples(
         manual_dir, list_path, num_classes=NUM_CLASSES,
-        check=rgbd_files.check_not_smaller_than_mask,
+        check=preprocess.check_not_smaller_than_mask,
         normals_dir=self.builder_config.normals_dir)

@@ -19,15 +19,11 @@ Features: `rgb` uint8 HxWx3, `depth` uint16 HxW raw PNG values (zlib tensor), `m
 """
 
 import os
-import sys
 
 import tensorflow_datasets as tfds
 
-try:
-  from data import rgbd_files
-except ImportError:  # loaded by file path (e.g. `tfds build data/<name>`)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from data import rgbd_files
+from cen_jax import preprocess
+
 
 NUM_CLASSES = 37
 IGNORE_LABEL = 255
@@ -52,6 +48,10 @@ looked up under number + 5050, as the official code does.
 class Builder(tfds.core.GeneratorBasedBuilder):
   """SUN RGB-D 37-class RGB-D segmentation (official CEN list layout)."""
 
+  # This file's folder, where TFDS looks for metadata: TFDS would derive it from the module
+  # name, cen_jax.datasets.<name>, which is not a folder in an editable checkout (data/<name>).
+  pkg_dir_path = tfds.core.Path(os.path.dirname(os.path.abspath(__file__)))
+
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
@@ -59,7 +59,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__,
-        features=rgbd_files.features(tfds),
+        features=preprocess.features(tfds),
         supervised_keys=None,
         homepage='https://rgbd.cs.princeton.edu/',
         disable_shuffling=True,
@@ -67,10 +67,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
-    rgbd_files.check_manual_dir(manual_dir, _INSTRUCTIONS)
-    return {split: self._generate_examples(manual_dir, rgbd_files.find_list(manual_dir, split))
+    preprocess.check_manual_dir(manual_dir, _INSTRUCTIONS)
+    return {split: self._generate_examples(manual_dir, preprocess.find_list(manual_dir, split))
             for split in ('train', 'test')}
 
   def _generate_examples(self, manual_dir, list_path):
-    yield from rgbd_files.generate_examples(manual_dir, list_path, num_classes=NUM_CLASSES,
+    yield from preprocess.generate_examples(manual_dir, list_path, num_classes=NUM_CLASSES,
                                             mask_fallback=True)

@@ -26,9 +26,12 @@ PatchGAN discriminator needs at least 32x32).
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from cen_jax import preprocess
 
 DOMAINS = ('rgb', 'reshading', 'edge_texture', 'depth_zbuffer', 'normal')
 SEED = 20201206
@@ -130,12 +133,15 @@ def example(split: str, index: int, size: int) -> dict:
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
-  from data import rgbd_files
-  return rgbd_files.png_bytes(image)
+  return preprocess.png_bytes(image)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Synthetic multi-domain scenes (rgb = albedo x shading; colour only in the texture)."""
+
+  # This file's folder, where TFDS looks for metadata: TFDS would derive it from the module
+  # name, cen_jax.datasets.<name>, which is not a folder in an editable checkout (data/<name>).
+  pkg_dir_path = tfds.core.Path(os.path.dirname(os.path.abspath(__file__)))
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}

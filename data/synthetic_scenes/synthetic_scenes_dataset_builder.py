@@ -50,9 +50,12 @@ BuilderConfigs: 'default' 64x64 with 1000 train / 200 test; 'small' 32x32 with 2
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from cen_jax import preprocess
 
 NUM_CLASSES = 7
 IGNORE_LABEL = 255
@@ -208,12 +211,15 @@ def example(split: str, index: int, height: int, width: int) -> dict:
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
-  from data import rgbd_files
-  return rgbd_files.png_bytes(rgb)
+  return preprocess.png_bytes(rgb)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Synthetic RGB-D scenes (colour-only and depth-only classes)."""
+
+  # This file's folder, where TFDS looks for metadata: TFDS would derive it from the module
+  # name, cen_jax.datasets.<name>, which is not a folder in an editable checkout (data/<name>).
+  pkg_dir_path = tfds.core.Path(os.path.dirname(os.path.abspath(__file__)))
 
   VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.',

@@ -7,7 +7,7 @@ domain name:
     {domain}/point_407_view_2_domain_{domain}.png
 
 Each stored example holds every domain of the builder config as an 8-bit [H, W, 3] image, after
-the official per-domain preprocessing (cen_jax/translation_data.preprocess_domain: 1-channel
+the official per-domain preprocessing (cen_jax/preprocess.preprocess_domain: 1-channel
 tiled to 3, log(1 + x) for depth, the official maxima of depth and edges, uint8), plus 'name'.
 Splits: 'train' (train_domain.txt) and 'val' (val_domain.txt). BuilderConfigs: 'default' (the
 official default pair and target: reshading, edge_texture -> rgb) and 'all' (the ten domains);
@@ -17,10 +17,11 @@ images of one example with different sizes, fail the prepare with one line namin
 
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from cen_jax import preprocess
 
 ALL_DOMAINS = ('rgb', 'normal', 'reshading', 'depth_euclidean', 'depth_zbuffer',
                'principal_curvature', 'edge_occlusion', 'edge_texture', 'segment_unsup2d',
@@ -47,11 +48,7 @@ class TaskonomyConfig(tfds.core.BuilderConfig):
 
 
 def _file_error():
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  from data import rgbd_files
-  return rgbd_files.DatasetFileError
+  return preprocess.DatasetFileError
 
 
 def read_list(path: str) -> list[str]:
@@ -74,7 +71,6 @@ def read_list(path: str) -> list[str]:
 def read_domain(path: str, domain: str) -> np.ndarray:
   """A domain file -> uint8 [H, W, 3] after the official preprocessing (one-line errors)."""
   from PIL import Image
-  from cen_jax import translation_data
   error = _file_error()
   if not os.path.isfile(path):
     raise error(f'{path}: file not found')
@@ -84,18 +80,21 @@ def read_domain(path: str, domain: str) -> np.ndarray:
   except Exception as e:  # PIL raises many types for truncated or corrupt files
     raise error(f'{path}: cannot decode image ({type(e).__name__}: {e})') from None
   try:
-    return translation_data.preprocess_domain(domain, array)
+    return preprocess.preprocess_domain(domain, array)
   except ValueError as e:
     raise error(f'{path}: {e}') from None
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
-  from data import rgbd_files
-  return rgbd_files.png_bytes(image)
+  return preprocess.png_bytes(image)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Taskonomy domains (official CEN translation layout and preprocessing)."""
+
+  # This file's folder, where TFDS looks for metadata: TFDS would derive it from the module
+  # name, cen_jax.datasets.<name>, which is not a folder in an editable checkout (data/<name>).
+  pkg_dir_path = tfds.core.Path(os.path.dirname(os.path.abspath(__file__)))
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}

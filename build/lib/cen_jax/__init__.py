@@ -1,0 +1,1 @@
+"""cen-jax: channel-exchanging multimodal networks (CEN, AsymFusion) in JAX/Flax."""

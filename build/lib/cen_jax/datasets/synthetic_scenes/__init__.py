@@ -1,0 +1,1 @@
+"""Procedural RGB-D scenes for the cen-jax demo (no download)."""

@@ -1,0 +1,1 @@
+"""Taskonomy domains for CEN image translation (manual download)."""

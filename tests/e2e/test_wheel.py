@@ -1,0 +1,56 @@
+"""The built wheel, installed into a fresh virtual environment, works from a directory outside
+the checkout: `import cen_jax` comes from site-packages, and the `cen-jax` command prints the
+demo's summary and prepares the synthetic scenes (builders installed as cen_jax.datasets)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(cmd, **kwargs):
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, **kwargs)
+  assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
+  return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def installed(tmp_path_factory):
+  """(venv bin folder, a working directory outside the checkout)."""
+  tmp = tmp_path_factory.mktemp('wheel')
+  run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', str(tmp / 'dist'), ROOT])
+  wheels = [f for f in os.listdir(tmp / 'dist') if f.endswith('.whl')]
+  assert len(wheels) == 1, wheels
+  run([sys.executable, '-m', 'venv', str(tmp / 'venv')])
+  bin_dir = tmp / 'venv' / 'bin'
+  run([str(bin_dir / 'python'), '-m', 'pip', 'install', '-q', str(tmp / 'dist' / wheels[0])])
+  outside = tmp / 'elsewhere'
+  outside.mkdir()
+  return bin_dir, outside
+
+
+def test_import_comes_from_site_packages(installed):
+  bin_dir, outside = installed
+  out = run([str(bin_dir / 'python'), '-c',
+             'import cen_jax, cen_jax.datasets, cen_jax.configs.demo as d; '
+             'print(cen_jax.__file__); print(cen_jax.datasets.__file__); print(d.__file__)'],
+            cwd=outside, env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  for path in out.split():
+    assert 'site-packages' in path and not path.startswith(ROOT), path
+
+
+def test_console_command_summary_and_prepare(installed):
+  bin_dir, outside = installed
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  config = os.path.join(ROOT, 'configs', 'demo.py')
+  out = run([str(bin_dir / 'cen-jax'), f'--config={config}', '--mode=summary'], cwd=outside,
+            env=env)
+  assert 'params:' in out and 'gflops:' in out
+  out = run([str(bin_dir / 'cen-jax'), f'--config={config}', '--mode=prepare',
+             f'--config.data.data_dir={outside / "tfds"}'], cwd=outside, env=env)
+  assert "prepared 'synthetic_scenes'" in out
+  assert any('dataset_info.json' in files
+             for _, _, files in os.walk(outside / 'tfds' / 'synthetic_scenes', followlinks=True))
