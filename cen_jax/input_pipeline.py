@@ -69,6 +69,8 @@ from typing import Iterator
 
 import numpy as np
 
+from cen_jax import preprocess
+
 DATASETS = ('nyudv2', 'sunrgbd', 'synthetic_scenes', 'synthetic_domains', 'taskonomy')
 SHAPES_FILE = 'cen_eval_shapes.json'  # per-split mask shapes, written by prepare()
 
@@ -122,11 +124,6 @@ def _user_builder_module(name: str, builder_dir: str):
   return module
 
 
-def _file_error_type():
-  from cen_jax import preprocess
-  return preprocess.DatasetFileError
-
-
 def dataset_module(config):
   """The builder module of config.data (name, and builder_dir when set)."""
   return builder_module(config.data.name, config.data.get('builder_dir', ''))
@@ -176,7 +173,7 @@ def prepare(config, *, force: bool = False) -> str:
   import tensorflow_datasets as tfds
   os.makedirs(data_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.prepare-{config.data.name}-', dir=data_dir)
-  error_type = _file_error_type()
+  error_type = preprocess.DatasetFileError
   try:
     builder = _builder(config, tmp)
     manual_dir = config.data.get('manual_dir', '') or None

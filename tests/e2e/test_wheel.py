@@ -3,6 +3,7 @@ the checkout: `import cen_jax` comes from site-packages, and the `cen-jax` comma
 demo's summary and prepares the synthetic scenes (builders installed as cen_jax.datasets)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,13 @@ def run(cmd, **kwargs):
 def installed(tmp_path_factory):
   """(venv bin folder, a working directory outside the checkout)."""
   tmp = tmp_path_factory.mktemp('wheel')
-  run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', str(tmp / 'dist'), ROOT])
+  # Built from a copy of the sources: setuptools writes build/ into the tree it builds.
+  source = tmp / 'source'
+  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+      '.git', '.venv*', 'build', 'dist', '*.egg-info', '__pycache__', 'workdirs', 'tfds_data',
+      '.hypothesis'))
+  run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', str(tmp / 'dist'),
+       str(source)])
   wheels = [f for f in os.listdir(tmp / 'dist') if f.endswith('.whl')]
   assert len(wheels) == 1, wheels
   run([sys.executable, '-m', 'venv', str(tmp / 'venv')])
