@@ -1,1 +1,0 @@
-"""cen-jax: channel-exchanging multimodal networks (CEN, AsymFusion) in JAX/Flax."""

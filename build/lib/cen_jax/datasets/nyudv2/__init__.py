@@ -1,1 +1,0 @@
-"""NYUDv2 40-class RGB-D segmentation in the official CEN layout (manual download)."""

@@ -1,1 +1,0 @@
-"""Procedural RGB-D scenes for the cen-jax demo (no download)."""

@@ -1,1 +1,0 @@
-"""Taskonomy domains for CEN image translation (manual download)."""
