@@ -1,13 +1,14 @@
-"""Test setup: 8 forced CPU devices (multi-device tests). cen_jax is imported as installed
+"""Test setup: 8 forced CPU devices (multi-device tests), compiled with the fast-compile flags
+of tests/helpers/env.py. cen_jax is imported as installed
 (`pip install -e .`, scripts/test.sh); pytest puts the repository root on sys.path for the
 `tests` helpers (pyproject.toml, tool.pytest pythonpath)."""
 
 import os
 import tempfile
 
-_FLAG = '--xla_force_host_platform_device_count=8'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
+from tests.helpers.env import xla_flags
+
+os.environ['XLA_FLAGS'] = xla_flags(num_devices=8)  # and the fast-compile flags (helpers/env.py)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache for the whole run, shared by the xdist workers and every
 # main.py the tests start: the end-to-end tests compile the same tiny programs in many
@@ -15,6 +16,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 _RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or str(os.getpid())
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'cen_jax_test_compile_cache_{_RUN}'))
+# Every program, however quick to compile: the killed and the resumed runs of a test, and the
+# processes of a multi-process run, compile the same ones.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 def pytest_collection_modifyitems(config, items):

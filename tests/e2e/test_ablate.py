@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from tests.e2e.test_end_to_end import final_params, run_main
+from tests.helpers.env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'helpers', 'configs', 'tiny_synthetic.py')
@@ -20,7 +21,7 @@ def test_ablation_table_and_scales(tmp_path):
   args = ['-m', 'cen_jax.ablate', f'--config={CONFIG}', f'--workdir={workdir}',
           '--fusions=cen,none,diverge', '--seeds=2', '--config.train.stage_epochs=(1,1)',
           f'--config.model.fusion_module={ROOT}/tests/helpers/configs/diverging_fusion.py']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = child_env()
   cmd = [sys.executable, *args, f'--config.data.data_dir={data_dir}']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

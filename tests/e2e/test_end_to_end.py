@@ -11,12 +11,14 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers.env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'helpers', 'configs', 'tiny_synthetic.py')
 
 
 def run_main(*args, script='main.py', data_dir, check=True):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
+  env = child_env()  # one CPU device
   cmd = [sys.executable, os.path.join(ROOT, script) if script == 'main.py' else script,
          *args, f'--config.data.data_dir={data_dir}']
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -6,11 +6,13 @@ import re
 import subprocess
 import sys
 
+from tests.helpers.env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(args, cwd):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
+  env = child_env()  # one CPU device
   proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]

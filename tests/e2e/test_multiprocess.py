@@ -12,6 +12,7 @@ import pytest
 from cen_jax import models
 from tests.unit.test_train_step import random_batch, run_steps, total_losses
 from tests.helpers.tiny import tiny_config
+from tests.helpers.env import child_env
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'helpers',
                       'multiprocess_worker.py')
@@ -27,7 +28,7 @@ def free_port():
 def test_two_processes_match_one(tmp_path, parallel):
   out = str(tmp_path / 'params.npz')
   port = free_port()
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = child_env()
   procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), '2', parallel, out],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(2)]

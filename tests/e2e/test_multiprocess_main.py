@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers.env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'helpers', 'configs', 'tiny_synthetic.py')
 WORKER = os.path.join(ROOT, 'tests', 'helpers', 'multiprocess_main_worker.py')
@@ -31,14 +33,9 @@ def free_port():
     return s.getsockname()[1]
 
 
-def environment(num_devices: int, cache: str) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+def environment(num_devices: int) -> dict:
+  env = child_env(num_devices)
   env['JAX_PLATFORMS'] = 'cpu'
-  if num_devices > 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
-  # The killed and the resumed runs compile the same programs: compile them once.
-  env['JAX_COMPILATION_CACHE_DIR'] = cache
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return env
 
 
@@ -46,7 +43,6 @@ def run(tmp_path, name, flags, *, processes: int, kill_at: int = 0, builds=None)
   """main.py (through the worker: SIGKILL before step kill_at, dataset builds recorded) on
   `processes` processes with one CPU device each, or on one process with two devices.
   Returns [(returncode, log)] per process."""
-  cache = str(tmp_path / 'jax_cache')
   builds = builds or str(tmp_path / f'{name}.builds')
   port = free_port()
   procs, logs = [], []
@@ -59,7 +55,7 @@ def run(tmp_path, name, flags, *, processes: int, kill_at: int = 0, builds=None)
     cmd = [sys.executable, WORKER, str(kill_at), builds, f'--config={CONFIG}', *flags,
            *distributed]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  env=environment(2 if processes == 1 else 1, cache)))
+                                  env=environment(2 if processes == 1 else 1)))
     logs.append(log)
   deadline = time.monotonic() + TIMEOUT
   try:

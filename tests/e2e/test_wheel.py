@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.helpers.env import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -51,7 +53,7 @@ def test_import_comes_from_site_packages(installed):
 
 def test_console_command_summary_and_prepare(installed):
   bin_dir, outside = installed
-  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  env = child_env(drop=('PYTHONPATH',))
   config = os.path.join(ROOT, 'configs', 'demo.py')
   out = run([str(bin_dir / 'cen-jax'), f'--config={config}', '--mode=summary'], cwd=outside,
             env=env)

@@ -10,9 +10,11 @@ import sys
 
 port, process_id, num_processes, parallel, out = sys.argv[1:6]
 process_id, num_processes = int(process_id), int(num_processes)
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.helpers.env import xla_flags  # noqa: E402
+
+os.environ['XLA_FLAGS'] = xla_flags(num_devices=4)
+os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -22,6 +22,7 @@ from cen_jax.datasets.synthetic_scenes import synthetic_scenes_dataset_builder a
 from tests.helpers import data_fixtures
 from tests.unit.test_train_step import assert_trees_close, run_steps, total_losses
 from tests.helpers.tiny import tiny_config
+from tests.helpers.env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -369,7 +370,7 @@ def test_dense_demo_trains_and_evaluates_through_main(tmp_path):
                '--config.data.crop_size=16', '--config.data.shorter_side=16',
                '--config.data.eval_batch_size=3', '--config.train.batch_size=4',
                '--config.train.max_steps=4', '--config.train.eval_every_epochs=1']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = child_env()
   run = subprocess.run([sys.executable, 'main.py', '--config=configs/demo_dense.py:mm_multitask',
                         f'--workdir={workdir}', *overrides], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)

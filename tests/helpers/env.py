@@ -1,0 +1,28 @@
+"""XLA flags of the test run, and the environment of the processes that tests start."""
+
+import os
+
+DEVICE_COUNT = '--xla_force_host_platform_device_count'
+# Tests compile with LLVM's cheapest settings: the same programs, about half of XLA:CPU's compile
+# time, which is most of the suite's time for the tiny models. Rounding may differ in the last
+# bits, as between CPUs; every comparison in the suite runs both sides under the same flags.
+# The demos and benchmarks compile as users do. A flag already in XLA_FLAGS wins.
+FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+
+
+def xla_flags(num_devices: int = 1) -> str:
+  """XLA_FLAGS for `num_devices` CPU devices: the current flags (device count replaced) plus
+  FAST_COMPILE."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(DEVICE_COUNT)]
+  names = {f.split('=')[0] for f in flags}
+  flags += [f for f in FAST_COMPILE if f.split('=')[0] not in names]
+  if num_devices > 1:
+    flags.append(f'{DEVICE_COUNT}={num_devices}')
+  return ' '.join(flags)
+
+
+def child_env(num_devices: int = 1, drop: tuple = ()) -> dict:
+  """os.environ for a process started by a test, with `num_devices` CPU devices."""
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env['XLA_FLAGS'] = xla_flags(num_devices)
+  return env
