@@ -345,7 +345,7 @@ class InstanceNorm(nn.Module):
     return ((xf - mean) * inv + bias).astype(self.dtype)
 
 
-def _private(module_cls):
+def per_branch(module_cls):
   """Stack a single-branch module's parameters and statistics along a leading branch axis."""
   return nn.vmap(module_cls, in_axes=0, out_axes=0,
                  variable_axes={'params': 0, 'batch_stats': 0},
@@ -353,8 +353,8 @@ def _private(module_cls):
 
 
 # Private (per-branch) norms: parameters and statistics [M, C]; input/output [M, N, H, W, C].
-PrivateBatchNorm = _private(BatchNorm)
-PrivateInstanceNorm = _private(InstanceNorm)
+PrivateBatchNorm = per_branch(BatchNorm)
+PrivateInstanceNorm = per_branch(InstanceNorm)
 
 
 # Below this size XLA's own pool is kept: the separable form costs compile time (more ops),

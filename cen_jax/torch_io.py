@@ -185,17 +185,19 @@ class Slot(NamedTuple):
   shape: tuple  # the Flax leaf's shape
 
 
-def _flatten(tree, prefix=()) -> list:
+def flatten_tree(tree, prefix=()) -> list:
+  """[(path, leaf)] of a nested dict."""
   out = []
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      out += _flatten(value, prefix + (key,))
+      out += flatten_tree(value, prefix + (key,))
     else:
       out.append((prefix + (key,), value))
   return out
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def set_in_tree(tree: dict, path: tuple, value) -> None:
+  """tree[path[0]]...[path[-1]] = value, creating the dicts on the way."""
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
@@ -247,7 +249,7 @@ def slots(variables, style: str = 'cen') -> list:
   for collection in ('params', 'batch_stats'):
     if collection not in variables:
       raise CheckpointError(f'variables have no {collection!r} collection')
-    leaves = _flatten(variables[collection])
+    leaves = flatten_tree(variables[collection])
     siblings = {}
     for path, _ in leaves:
       siblings.setdefault(path[:-1], set()).add(path[-1])
@@ -400,12 +402,12 @@ def _import(state_dict, variables, style: str) -> dict:
   names = check_state_dict(state_dict, variables, style)
   out = {name: _copy_tree(tree) for name, tree in variables.items()}
   templates = {(c,) + path: leaf for c in ('params', 'batch_stats')
-               for path, leaf in _flatten(variables[c])}
+               for path, leaf in flatten_tree(variables[c])}
   for s in slots(variables, style):
     arrays = [_to_numpy(state_dict[names[key]]) for key in s.keys]
     template = templates[(s.collection,) + s.path]
     leaf = np.ascontiguousarray(from_torch(s, arrays), dtype=_template_dtype(template))
-    _set(out[s.collection], s.path, leaf)
+    set_in_tree(out[s.collection], s.path, leaf)
   return out
 
 
@@ -437,7 +439,7 @@ def export_cen_state_dict(variables) -> dict:
   the official checkpoints), num_batches_tracked included as int64 zeros."""
   flat = {}
   for collection in ('params', 'batch_stats'):
-    flat.update({(collection,) + path: leaf for path, leaf in _flatten(variables[collection])})
+    flat.update({(collection,) + path: leaf for path, leaf in flatten_tree(variables[collection])})
   out = {}
   for s in slots(variables, 'cen'):
     for key, array in zip(s.keys, to_torch(s, flat[(s.collection,) + s.path])):
@@ -543,7 +545,7 @@ def _export(variables, style) -> 'OrderedDict':
   from collections import OrderedDict
   flat = {}
   for collection in ('params', 'batch_stats'):
-    flat.update({(collection,) + path: leaf for path, leaf in _flatten(variables[collection])})
+    flat.update({(collection,) + path: leaf for path, leaf in flatten_tree(variables[collection])})
   out = {}
   for s in slots(variables, style):
     for key, array in zip(s.keys, to_torch(s, flat[(s.collection,) + s.path])):

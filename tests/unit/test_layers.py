@@ -16,9 +16,10 @@ PACKAGE = os.path.join(ROOT, 'cen_jax')
 LAYERS = [
     ('primitives', ['io_utils', 'host_memory', 'winograd', 'branches', 'config', 'fusion',
                     'fusion.ops', 'fusion.registry', 'layers', 'metrics', 'viz', 'run_log',
-                    'preprocess', 'transforms', 'image_files', 'torch_io', 'expected']),
+                    'preprocess', 'transforms', 'image_files', 'torch_io', 'tokenfusion_io',
+                    'expected']),
     ('models', ['models', 'models.build', 'models.params', 'models.resnet', 'models.refinenet',
-                'models.pix2pix', 'fid']),
+                'models.pix2pix', 'models.mit', 'models.segformer', 'fid']),
     ('data', ['input_pipeline']),
     ('shared by tasks and runner', ['runtime']),
     ('tasks', ['tasks', 'tasks.by_name', 'tasks.segmentation', 'tasks.segmentation_data',
