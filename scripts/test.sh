@@ -13,7 +13,8 @@ if [ "${SKIP_TORCH_TESTS:-0}" != 1 ] && command -v python3.11 >/dev/null 2>&1; t
   "$TORCH_VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   if "$TORCH_VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-torch.txt &&
      "$TORCH_VENV/bin/python" -m pip install -q --no-deps -e . >/dev/null; then
-    "$TORCH_VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider -m torch tests/parity
+    CEN_JAX_TEST_COMPILE=default \
+      "$TORCH_VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider -m torch tests/parity
   else
     echo "torch could not be installed for Python 3.11: parity tests not run" >&2
     exit 1
