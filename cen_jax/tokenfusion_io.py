@@ -32,9 +32,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cen_jax.torch_io import CheckpointError, flatten_tree, set_in_tree
+from cen_jax.torch_io import (DP_PREFIX, CheckpointError, flatten_tree, set_in_tree,
+                              strip_dp_prefix)
 
-DP_PREFIX = 'module.'
 PREDICTOR_LAYERS = {'norm': 0, 'fc1': 1, 'fc2': 3, 'fc3': 5, 'fc4': 7}
 LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
           'var': 'running_var'}
@@ -137,20 +137,10 @@ def _torch_shape(slot: Slot) -> tuple:
   return tuple(_to_torch(slot.kind, np.empty(inner, np.uint8)).shape)
 
 
-def _strip(state_dict) -> dict:
-  out = {}
-  for key in state_dict:
-    bare = key.removeprefix(DP_PREFIX)
-    if bare in out:
-      raise CheckpointError(f'checkpoint holds both {out[bare]!r} and {key!r}')
-    out[bare] = key
-  return out
-
-
 def _import(state_dict, variables, key_of, ignored) -> dict:
   """New variables with every slot read from `state_dict` under key_of(torch key); checks that
   every checkpoint key is used (except `ignored(key)`) and every shape fits."""
-  names = _strip(state_dict)
+  names = strip_dp_prefix(state_dict)
   wanted = {}
   for s in slots(variables):
     for key in s.keys:

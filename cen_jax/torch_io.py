@@ -302,7 +302,7 @@ def expected_shapes(variables, style: str = 'cen') -> dict:
 
 # ----------------------------------------------------------------------------- checks
 
-def _strip(state_dict) -> dict:
+def strip_dp_prefix(state_dict) -> dict:
   """{key without the DataParallel prefix: original key}."""
   out = {}
   for key in state_dict:
@@ -346,7 +346,7 @@ def check_state_dict(state_dict, variables, style: str = 'cen') -> dict:
   ImageNet classifier (fc.*) for style 'torchvision'.
   """
   expected = expected_shapes(variables, style)
-  names = _strip(state_dict)
+  names = strip_dp_prefix(state_dict)
   num_branches = _num_branches(variables)
   for bare, key in names.items():
     if bare.endswith('num_batches_tracked'):
