@@ -6,6 +6,7 @@ branch (modality) axis: activations `x: [M, N, H, W, C]` (NHWC) and per-branch n
 
 - CEN (docs/papers.md §1.1(b, c)): `exchange`, `sparsity_masks`, `l1_penalty`.
 - AsymFusion (docs/papers.md §3.2): `channel_shuffle`, `pixel_shift`.
+- TokenFusion (yikaiw/TokenFusion): `token_exchange` on token scores `[M, N, H, W]`, `mask_l1`.
 """
 
 from typing import Sequence
@@ -163,3 +164,33 @@ def pixel_shift(x: jax.Array) -> jax.Array:
            for k, (dy, dx) in enumerate(SHIFT_DIRECTIONS)]
   parts.append(jnp.zeros(x.shape[:-1] + (x.shape[-1] - split,), x.dtype))
   return jnp.concatenate(parts, axis=-1)
+
+
+# ----------------------------------------------------------------------------- TokenFusion
+
+def token_exchange(x: jax.Array, scores: jax.Array, threshold: float) -> jax.Array:
+  """TokenFusion's exchange: token (n, h, w) of branch m keeps its value where
+  scores[m, n, h, w] >= threshold and otherwise takes the other branch's (M = 2: the official
+  swap; M > 2: the mean of the other branches, as CEN's exchange generalises).
+
+  x: [M, N, H, W, C]; scores: [M, N, H, W]. The comparison passes no gradient; a replaced token
+  passes its gradient to the branch it came from (`jnp.where`), as the official masked copy.
+  """
+  keep = jax.lax.stop_gradient(scores >= threshold)[..., None]
+  return jnp.where(keep, x, mean_of_others(x).astype(x.dtype))
+
+
+def mask_l1(masks: Sequence[jax.Array]) -> jax.Array:
+  """The official score penalty: sum over blocks and branches of sum |score| (not a mean);
+  the loss adds lamda (1e-4) times it."""
+  total = jnp.zeros((), jnp.float32)
+  for mask in masks:
+    total = total + jnp.sum(jnp.abs(mask.astype(jnp.float32)))
+  return total
+
+
+def fraction_of_tokens_below(masks: Sequence[jax.Array], threshold: float) -> jax.Array:
+  """Per branch: the fraction of token scores under `threshold`, averaged over the blocks
+  (what the official training prints each epoch). [M]."""
+  fractions = [jnp.mean((mask < threshold).reshape(mask.shape[0], -1), axis=1) for mask in masks]
+  return sum(fractions) / max(len(fractions), 1)

@@ -20,6 +20,13 @@ Points (where `apply_point` is called):
 - ResNet bottleneck (segmentation): 'bn1' (after bn1, before its ReLU), 'act1' (after that
   ReLU), 'bn2' (after bn2, before its ReLU), 'act2', 'output' (the block's output).
 - U-Net encoder block (translation): 'norm' (after the private InstanceNorm).
+- Mix Transformer (MiT, segmentation with config.model.backbone 'mit_b0'..'mit_b5'), per block
+  `block{s}_{i}`: 'tokens' (inside the attention, after `proj`: the attention's output,
+  before the residual; `Site.scores` holds the block's token scores [M, N, H, W], computed by
+  per-branch score predictors that the MiT builds only for a fusion with `token_scores=True`),
+  'norm2' (after the private LayerNorm norm2, before the Mix-FFN; `Site.scale` is its [M, C]
+  scale); per stage: 'stage_end' (after the stage's final private LayerNorm norm{s}, so the
+  decoder and the next stage both see it; `Site.block` is 'norm{s}', `Site.scale` its scale).
 
 `Site` carries what a fusion may read there: the block's name and place in its stage, the
 scale [M, C] of the private norm just applied (at 'bn1', 'bn2', 'norm'), `threshold`, the
@@ -28,7 +35,14 @@ points of the same block returned (a point function may return `(x, carry_update
 
 The penalty (`penalty(scales_list, options) -> scalar`) is applied by the train step to the
 scales of the norms at the exchange point (bn2 of every bottleneck; the encoder
-InstanceNorms), weighted by `config.train.l1_lambda`.
+InstanceNorms; norm2 of every MiT block), weighted by `config.train.l1_lambda`. A fusion with
+`penalty_input='token_scores'` gets instead the token scores of every MiT block (the model's
+outputs['masks'], this device's examples), summed over the global batch as the official
+TokenFusion loss.
+
+A fusion fits a backbone ('resnet' or 'mit') when its network is one that backbone builds
+('shared' for the MiT) and it has no points or at least one of that backbone's
+(`check_backbone`; token scores exist only in the MiT).
 
 Networks: 'shared' (one set of convolutions for all branches, private norms: CEN's),
 'separate' (every branch its own convolutions: M independent networks and the late
@@ -49,21 +63,27 @@ from cen_jax.fusion import ops
 
 RESNET_POINTS = ('bn1', 'act1', 'bn2', 'act2', 'output')
 UNET_POINTS = ('norm',)
-POINTS = RESNET_POINTS + UNET_POINTS
+MIT_POINTS = ('tokens', 'norm2', 'stage_end')
+POINTS = RESNET_POINTS + UNET_POINTS + MIT_POINTS
 NETWORKS = ('shared', 'separate', 'early')
+BACKBONE_POINTS = {'resnet': RESNET_POINTS, 'mit': MIT_POINTS}
+BACKBONE_NETWORKS = {'resnet': NETWORKS, 'mit': ('shared',)}
+PENALTY_INPUTS = ('norm_scales', 'token_scores')
 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
   """What a fusion may read at one point of one block."""
-  block: str  # module name, e.g. 'layer2_3' or 'conv4'
-  stage: int  # ResNet stage (0..3); 0 in the U-Net
-  index: int  # block index within its stage (U-Net: encoder level)
+  block: str  # module name, e.g. 'layer2_3', 'conv4', 'block3_1' or 'norm3' (MiT stage end)
+  stage: int  # ResNet / MiT stage (0..3); 0 in the U-Net
+  index: int  # block index within its stage (U-Net: encoder level; MiT stage end: the last)
   num_blocks: int  # blocks in this stage (U-Net: encoder levels)
   threshold: float
   options: Mapping[str, Any]
   scale: Optional[jax.Array] = None  # [M, C] scale of the norm just applied
   carry: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  point: str = ''  # the point being applied (set by apply_point)
+  scores: Optional[jax.Array] = None  # MiT 'tokens': the block's token scores [M, N, H, W]
 
   @property
   def last_in_stage(self) -> bool:
@@ -85,6 +105,8 @@ class Fusion:
   max_branches: int = 0  # 0: any number
   description: str = ''
   monitor_scales: bool = False  # log the fraction of partitioned scales under the threshold
+  token_scores: bool = False  # the MiT builds score predictors and hands their scores over
+  penalty_input: str = 'norm_scales'  # what `penalty` reads: 'norm_scales' | 'token_scores'
 
 
 REGISTRY: dict[str, Fusion] = {}
@@ -93,9 +115,12 @@ REGISTRY: dict[str, Fusion] = {}
 def register(name: str, *, points: Optional[Mapping[str, Callable]] = None,
              where: Callable[[Site], bool] = every_block, penalty: Optional[Callable] = None,
              network: str = 'shared', max_branches: int = 0, description: str = '',
-             monitor_scales: Optional[bool] = None) -> Fusion:
+             monitor_scales: Optional[bool] = None, token_scores: bool = False,
+             penalty_input: str = 'norm_scales') -> Fusion:
   """Registers (or replaces) the fusion `name`; returns it. `monitor_scales` (default: when
-  it has a penalty) logs `scales_below_threshold/<branch>` during training."""
+  its penalty reads norm scales) logs `scales_below_threshold/<branch>` during training;
+  `token_scores` asks the MiT for token scores (logged as `tokens_below_threshold/<branch>`),
+  `penalty_input='token_scores'` hands them to the penalty."""
   points = dict(points or {})
   unknown = sorted(set(points) - set(POINTS))
   if unknown:
@@ -104,10 +129,15 @@ def register(name: str, *, points: Optional[Mapping[str, Callable]] = None,
     raise ValueError(f'fusion {name!r}: network={network!r}, expected one of {NETWORKS}')
   if network != 'shared' and points:
     raise ValueError(f'fusion {name!r}: a {network!r} network has no fusion points')
+  if penalty_input not in PENALTY_INPUTS:
+    raise ValueError(f'fusion {name!r}: penalty_input={penalty_input!r}, expected one of '
+                     f'{PENALTY_INPUTS}')
+  if penalty_input == 'token_scores' and not token_scores:
+    raise ValueError(f"fusion {name!r}: penalty_input='token_scores' needs token_scores=True")
   if monitor_scales is None:
-    monitor_scales = penalty is not None
+    monitor_scales = penalty is not None and penalty_input == 'norm_scales'
   fusion = Fusion(name, points, where, penalty, network, max_branches, description,
-                  monitor_scales)
+                  monitor_scales, token_scores, penalty_input)
   REGISTRY[name] = fusion
   return fusion
 
@@ -131,7 +161,7 @@ def apply_point(fusion: Fusion, point: str, x: jax.Array, site: Site,
   fn = fusion.points.get(point)
   if fn is None or not fusion.where(site):
     return x, carry
-  out = fn(x, dataclasses.replace(site, carry=dict(carry)))
+  out = fn(x, dataclasses.replace(site, carry=dict(carry), point=point))
   if isinstance(out, tuple):
     x, update = out
     carry = {**carry, **update}
@@ -146,6 +176,31 @@ def check_branches(fusion: Fusion, num_branches: int) -> None:
                      f'branches, got {num_branches}')
 
 
+def fits_backbone(fusion: Fusion, family: str) -> bool:
+  """Whether `fusion` acts in a backbone family ('resnet' | 'mit'): a network it builds, and no
+  points or at least one of its points (token scores only in the MiT)."""
+  points = BACKBONE_POINTS[family]
+  return (fusion.network in BACKBONE_NETWORKS[family]
+          and (not fusion.points or any(p in points for p in fusion.points))
+          and (family == 'mit' or not fusion.token_scores))
+
+
+def check_backbone(fusion: Fusion, backbone: str, family: str, num_branches: int) -> None:
+  """Refuses, in one line, a fusion that does not fit the backbone (`fits_backbone`) or the
+  number of branches."""
+  check_branches(fusion, num_branches)
+  if not fits_backbone(fusion, family):
+    fitting = sorted(n for n, f in REGISTRY.items() if fits_backbone(f, family))
+    raise ValueError(f'config.model.fusion={fusion.name!r} does not fit config.model.backbone='
+                     f'{backbone!r}: it has network={fusion.network!r}, points='
+                     f'{sorted(fusion.points)}, where this backbone builds networks '
+                     f'{list(BACKBONE_NETWORKS[family])} with points {list(BACKBONE_POINTS[family])}'
+                     f'; fusions that fit: {", ".join(fitting)}')
+  if fusion.token_scores and num_branches < 2:
+    raise ValueError(f'fusion {fusion.name!r} exchanges tokens between branches: got '
+                     f'{num_branches} branch(es), expected at least 2')
+
+
 def check_translation(fusion: Fusion, num_branches: int) -> None:
   """The translation generator offers the point 'norm' of a shared U-Net."""
   check_branches(fusion, num_branches)
@@ -156,6 +211,8 @@ def check_translation(fusion: Fusion, num_branches: int) -> None:
 
 
 def penalty(fusion: Fusion, scales_list, options) -> jax.Array:
+  """The fusion's regulariser of `scales_list`: the norm scales at the exchange point, or,
+  for `penalty_input='token_scores'`, the token scores of every MiT block."""
   if fusion.penalty is None:
     return jnp.zeros((), jnp.float32)
   return jnp.asarray(fusion.penalty(scales_list, options), jnp.float32)
@@ -174,6 +231,12 @@ def all_channels_l1(scales_list, options=None) -> jax.Array:
   del options
   return sum((jnp.sum(jnp.abs(s.astype(jnp.float32))) for s in scales_list),
              jnp.zeros((), jnp.float32))
+
+
+def token_scores_l1(masks, options=None) -> jax.Array:
+  """TokenFusion: the official sum of |score| over every block's token scores."""
+  del options
+  return ops.mask_l1(masks)
 
 
 # ----------------------------------------------------------------------------- point functions
@@ -234,9 +297,27 @@ def asym_add_shift_and_shuffle(x, site: Site):
   return ops.channel_shuffle(x + site.carry['shift'][::-1])
 
 
+def asym_shuffle_and_shift_once(x, site: Site):
+  """AsymFusion at a MiT stage end (cen-jax's own placement, docs/fusions.md): both ops in
+  one step, each branch gets the channel shuffle of x (its first S = 4 * (C // 5) channels,
+  the other's last C - S) plus the other branch's pixel-shifted x (zero on the last C - S)."""
+  del site
+  if x.shape[0] == 1:
+    return x
+  return ops.channel_shuffle(x) + ops.pixel_shift(x)[::-1]
+
+
 def asym_blocks(site: Site) -> bool:
-  """Official AsymFusion: the last bottleneck of each stage, never a stage's first block."""
-  return site.index >= 1 and site.last_in_stage
+  """Official AsymFusion: the last bottleneck of each stage, never a stage's first block;
+  on the MiT, every stage end."""
+  return site.point == 'stage_end' or (site.index >= 1 and site.last_in_stage)
+
+
+def token_fusion(x, site: Site):
+  """TokenFusion, after the attention's proj: scale every token by its score, then exchange
+  the tokens scored under the threshold (official 0.02)."""
+  scores = site.scores
+  return ops.token_exchange(x * scores[..., None].astype(x.dtype), scores, site.threshold)
 
 
 def stage_ends(site: Site) -> bool:
@@ -246,22 +327,24 @@ def stage_ends(site: Site) -> bool:
 # ----------------------------------------------------------------------------- the registry
 
 register('none', description='shared convolutions, private norms, late ensemble only')
-register('cen', points={'bn2': exchange_by_scale, 'norm': exchange_by_scale},
-         penalty=partitioned_l1,
+CEN_POINTS = {'bn2': exchange_by_scale, 'norm': exchange_by_scale, 'norm2': exchange_by_scale}
+register('cen', points=CEN_POINTS, penalty=partitioned_l1,
          description='CEN: exchange by |scale| < threshold, L1 on a disjoint partition')
 register('asymfusion', points={'act1': asym_shuffle_and_shift,
-                               'act2': asym_add_shift_and_shuffle},
+                               'act2': asym_add_shift_and_shuffle,
+                               'stage_end': asym_shuffle_and_shift_once},
          where=asym_blocks, max_branches=2,
          description='AsymFusion: channel shuffle + pixel shift, last block of each stage')
-register('cen_no_l1', points={'bn2': exchange_by_scale, 'norm': exchange_by_scale},
+register('cen_no_l1', points=CEN_POINTS,
          monitor_scales=True, description='CEN exchange without the sparsity penalty')
-register('cen_l1_all', points={'bn2': exchange_by_scale, 'norm': exchange_by_scale},
+register('cen_l1_all', points=CEN_POINTS,
          penalty=all_channels_l1,
          description='CEN exchange with the L1 on all channels (no partition)')
 register('cen_l1_only', penalty=partitioned_l1,
          description="CEN's L1 on the partition without the exchange (what the penalty alone "
                      'costs)')
-register('random_exchange', points={'bn2': random_exchange, 'norm': random_exchange},
+register('random_exchange', points={'bn2': random_exchange, 'norm': random_exchange,
+                                    'norm2': random_exchange},
          description='exchange a fixed random part of each partition (fusion_options.'
                      'random_fraction)')
 register('average', points={'output': average_branches}, where=stage_ends,
@@ -272,6 +355,10 @@ register('separate', network='separate',
          description='no sharing: each branch its own convolutions, late ensemble')
 register('early', network='early',
          description='early fusion: inputs concatenated along channels, one branch')
+register('tokenfusion', points={'tokens': token_fusion}, penalty=token_scores_l1,
+         token_scores=True, penalty_input='token_scores',
+         description='TokenFusion (MiT): tokens scaled by their score, exchanged under the '
+                     'threshold; L1 on the scores')
 
 
 def load_user_module(name: str) -> None:

@@ -9,14 +9,18 @@ this spatial layout (the official [B, H W, C] is its row-major flattening).
   M into the batch (`layers.fold`).
 - Every LayerNorm of the encoder is private (official `LayerNormParallel`, eps 1e-6): params
   stacked [M, C] by `layers.per_branch`.
-- TokenFusion (`fusion='tokenfusion'`): each stage has one score predictor (`PredictorLG`), with
-  its OWN weights per branch (official `score_nets`, an nn.ModuleList of one MLP per branch,
-  LayerNorm eps 1e-5), run before every block of its stage on that block's input tokens; the
-  score of a token is softmax(log_softmax(logits))[0]. Inside the block's attention the output
-  of `proj` is multiplied by the score and a token whose score is < `threshold` (official 0.02)
-  is replaced by the other branch's (`token_exchange`). The scores are returned so the loss
-  can take its L1 (`mask_l1`, official `lamda` 1e-4). `fusion='none'` drops predictor, scaling
-  and exchange: a plain multimodal SegFormer with shared weights and private LayerNorms.
+- Fusions come from the registry (cen_jax/fusion/registry.py), called at the MiT points:
+  'tokens' (inside the attention, after `proj`), 'norm2' (after every block's private norm2)
+  and 'stage_end' (after each stage's final norm{s}); the network never tests a fusion's name.
+- TokenFusion (`fusion='tokenfusion'`, a fusion with `token_scores`): each stage has one score
+  predictor (`PredictorLG`), with its OWN weights per branch (official `score_nets`, an
+  nn.ModuleList of one MLP per branch, LayerNorm eps 1e-5), run before every block of its stage
+  on that block's input tokens; the score of a token is softmax(log_softmax(logits))[0]. At
+  'tokens' the output of `proj` is multiplied by the score and a token whose score is <
+  `threshold` (official 0.02) is replaced by the other branch's (`ops.token_exchange`). The
+  scores are returned so the loss can take its L1 (`ops.mask_l1`, official `lamda` 1e-4).
+  `fusion='none'` has no points and no predictor: a plain multimodal SegFormer with shared
+  weights and private LayerNorms.
 
 Official behaviours kept: GELU is exact (erf); q/kv/proj have biases (qkv_bias=True in every
 mit_bX); the spatial-reduction conv (kernel = stride = sr_ratio) + its LayerNorm (eps 1e-6,
@@ -36,10 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cen_jax.fusion import ops
+import dataclasses
+
+from cen_jax.fusion import registry
+from cen_jax.fusion.ops import mask_l1, token_exchange  # noqa: F401  (this module's API too)
 from cen_jax.layers import per_branch, fastest_conv, fold, unfold
 
-FUSIONS = ('tokenfusion', 'none')
 MASK_THRESHOLD = 0.02  # official Attention.forward: TokenExchange(..., mask_threshold=0.02)
 LN_EPS = 1e-6  # official LayerNormParallel
 PREDICTOR_LN_EPS = 1e-5  # official PredictorLG: a plain nn.LayerNorm
@@ -141,27 +147,6 @@ def stochastic_depth(x: jax.Array, rate: float, rng) -> jax.Array:
   return x / keep * mask.astype(x.dtype)
 
 
-def token_exchange(x: jax.Array, scores: jax.Array, threshold: float) -> jax.Array:
-  """TokenFusion's exchange: token (n, h, w) of branch m keeps its value where
-  scores[m, n, h, w] >= threshold and otherwise takes the other branch's (M = 2: the official
-  swap; M > 2: the mean of the other branches, as CEN's exchange generalises).
-
-  x: [M, N, H, W, C]; scores: [M, N, H, W]. The comparison passes no gradient; a replaced token
-  passes its gradient to the branch it came from (`jnp.where`), as the official masked copy.
-  """
-  keep = jax.lax.stop_gradient(scores >= threshold)[..., None]
-  return jnp.where(keep, x, ops.mean_of_others(x).astype(x.dtype))
-
-
-def mask_l1(masks: Sequence[jax.Array]) -> jax.Array:
-  """The official score penalty: sum over blocks and branches of sum |score| (not a mean);
-  the loss adds lamda (1e-4) times it."""
-  total = jnp.zeros((), jnp.float32)
-  for mask in masks:
-    total = total + jnp.sum(jnp.abs(mask.astype(jnp.float32)))
-  return total
-
-
 class ScoreNet(nn.Module):
   """One branch's token scorer (official PredictorLG.score_nets[m]):
   LayerNorm (eps 1e-5), Linear C, GELU, Linear C/2, GELU, Linear C/4, GELU, Linear 2, LogSoftmax.
@@ -188,19 +173,18 @@ def token_scores(log_probs: jax.Array) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Efficient self-attention with spatial reduction; with `scores`, TokenFusion's scaling and
-  exchange of its output."""
+  """Efficient self-attention with spatial reduction; its output goes through `fuse` (the
+  block's 'tokens' point: TokenFusion's scaling and exchange)."""
   dim: int
   num_heads: int
   sr_ratio: int
   qkv_bias: bool = True
   attn_drop: float = 0.0
   proj_drop: float = 0.0
-  threshold: float = MASK_THRESHOLD
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, scores, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, fuse, *, train: bool) -> jax.Array:
     m, n, h, w, c = x.shape
     heads, head_dim = self.num_heads, c // self.num_heads
     q = dense(c, 'q', self.qkv_bias, self.dtype)(x).reshape(m, n, h * w, heads, head_dim)
@@ -216,9 +200,7 @@ class Attention(nn.Module):
     out = jnp.einsum('mnhqk,mnkhd->mnqhd', attn, v).reshape(m, n, h, w, c)
     out = dense(c, 'proj', dtype=self.dtype)(out)
     out = nn.Dropout(self.proj_drop, deterministic=not train)(out)
-    if scores is not None:
-      out = token_exchange(out * scores[..., None].astype(out.dtype), scores, self.threshold)
-    return out
+    return fuse(out)
 
 
 class MixFFN(nn.Module):
@@ -238,7 +220,8 @@ class MixFFN(nn.Module):
 
 
 class Block(nn.Module):
-  """x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))); norms private."""
+  """x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))); norms private. The
+  fusion acts at 'tokens' (the attention's output, reading `scores`) and 'norm2'."""
   dim: int
   num_heads: int
   mlp_ratio: float
@@ -249,10 +232,25 @@ class Block(nn.Module):
   drop_path: float = 0.0
   threshold: float = MASK_THRESHOLD
   dtype: Any = jnp.float32
+  fusion: str = 'tokenfusion'  # a registered fusion
+  fusion_options: tuple = ()  # (key, value) pairs: Site.options
+  stage: int = 0
+  index: int = 0
+  num_blocks: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, scores, *, train: bool) -> jax.Array:
     norm = lambda name: PrivateLayerNorm(LN_EPS, dtype=self.dtype, name=name)
+    fusion = registry.get(self.fusion)
+    site = registry.Site(self.name, self.stage, self.index, self.num_blocks, self.threshold,
+                         dict(self.fusion_options), scores=scores)
+    carry = {}
+
+    def at(point, out, scale=None):
+      nonlocal carry
+      out, carry = registry.apply_point(fusion, point, out, dataclasses.replace(site, scale=scale),
+                                        carry)
+      return out
 
     def path(f):  # the residual branch, through stochastic depth when training
       if train and self.drop_path > 0:
@@ -260,10 +258,12 @@ class Block(nn.Module):
       return f
 
     attn = Attention(self.dim, self.num_heads, self.sr_ratio, self.qkv_bias, self.attn_drop,
-                     self.drop, self.threshold, dtype=self.dtype, name='attn')
-    x = x + path(attn(norm('norm1')(x), scores, train=train))
+                     self.drop, dtype=self.dtype, name='attn')
+    x = x + path(attn(norm('norm1')(x), lambda out: at('tokens', out), train=train))
+    norm2 = norm('norm2')
+    y = at('norm2', norm2(x), norm2.variables['params']['scale'])
     mlp = MixFFN(int(self.dim * self.mlp_ratio), self.drop, dtype=self.dtype, name='mlp')
-    return x + path(mlp(norm('norm2')(x), train=train))
+    return x + path(mlp(y, train=train))
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -297,13 +297,14 @@ class MixVisionTransformer(nn.Module):
   drop_rate: float = 0.0
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.1
-  fusion: str = 'tokenfusion'
+  fusion: str = 'tokenfusion'  # a registered fusion that fits the MiT (registry.check_backbone)
   threshold: float = MASK_THRESHOLD
   dtype: Any = jnp.float32
+  fusion_options: tuple = ()  # (key, value) pairs: Site.options
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> tuple[list, list]:
-    check_fusion(self.fusion, x.shape[0])
+    fusion = check_fusion(self.fusion, x.shape[0])
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     features, masks, cur = [], [], 0
     for s, depth in enumerate(self.depths):
@@ -311,7 +312,7 @@ class MixVisionTransformer(nn.Module):
       x = OverlapPatchEmbed(self.embed_dims[s], 7 if first else 3, 4 if first else 2,
                             dtype=self.dtype, name=f'patch_embed{s + 1}')(x)
       predictor = None
-      if self.fusion == 'tokenfusion':
+      if fusion.token_scores:
         predictor = PrivateScoreNet(dtype=self.dtype, name=f'score_predictor_{s}')
       for i in range(depth):
         scores = None
@@ -321,20 +322,25 @@ class MixVisionTransformer(nn.Module):
         block = Block(self.embed_dims[s], self.num_heads[s], self.mlp_ratios[s],
                       self.sr_ratios[s], self.qkv_bias, self.drop_rate, self.attn_drop_rate,
                       float(rates[cur + i]), self.threshold, dtype=self.dtype,
-                      name=f'block{s + 1}_{i}')
+                      fusion=self.fusion, fusion_options=self.fusion_options, stage=s,
+                      index=i, num_blocks=depth, name=f'block{s + 1}_{i}')
         x = block(x, scores, train=train)
       cur += depth
-      x = PrivateLayerNorm(LN_EPS, dtype=self.dtype, name=f'norm{s + 1}')(x)
+      norm = PrivateLayerNorm(LN_EPS, dtype=self.dtype, name=f'norm{s + 1}')
+      x = norm(x)
+      site = registry.Site(f'norm{s + 1}', s, depth - 1, depth, self.threshold,
+                           dict(self.fusion_options), scale=norm.variables['params']['scale'])
+      x, _ = registry.apply_point(fusion, 'stage_end', x, site, {})
       features.append(x)
     return features, masks
 
 
-def check_fusion(fusion: str, num_branches: int) -> None:
-  if fusion not in FUSIONS:
-    raise ValueError(f'fusion={fusion!r}: the MiT encoder takes one of {FUSIONS}')
-  if fusion == 'tokenfusion' and num_branches < 2:
-    raise ValueError(f"fusion 'tokenfusion' exchanges tokens between branches: got "
-                     f'{num_branches} branch(es), expected at least 2')
+def check_fusion(fusion: str, num_branches: int, backbone: str = 'mit') -> registry.Fusion:
+  """The registered fusion `fusion` if it fits the MiT with `num_branches` branches (one-line
+  error otherwise, registry.check_backbone)."""
+  found = registry.get(fusion)
+  registry.check_backbone(found, backbone, 'mit', num_branches)
+  return found
 
 
 def mit(backbone: str, **fields) -> MixVisionTransformer:

@@ -6,8 +6,9 @@ import re
 import jax
 
 # Path (joined with '/') of the scale of every norm at the exchange point: bn2 of each
-# bottleneck (the scales a fusion's penalty and the threshold statistics read).
-EXCHANGE_SCALE_PATH = re.compile(r'^encoder/layer\d+_\d+/bn2/scale$')
+# bottleneck, norm2 of each MiT block (the scales a fusion's penalty and the threshold
+# statistics read).
+EXCHANGE_SCALE_PATH = re.compile(r'^encoder/(layer\d+_\d+/bn2|block\d+_\d+/norm2)/scale$')
 # Translation: every encoder InstanceNorm scale, conv1..convN (the official slim list).
 TRANSLATION_SCALE_PATH = re.compile(r'^conv(\d+)/insnorm_conv/scale$')
 SEPARATE_ENCODER_PATH = re.compile(r'^branch\d+/encoder/')  # fusion 'separate'
@@ -34,12 +35,14 @@ def path_str(path) -> str:
 
 
 def exchange_scales(params) -> list:
-  """The [M, C] scales of every exchanging norm (bn2 of each bottleneck), in module order."""
+  """The [M, C] scales of every exchanging norm (bn2 of each bottleneck, norm2 of each MiT
+  block), in the order of the flattened tree."""
   return [leaf for _, leaf in named_exchange_scales(params)]
 
 
 def named_exchange_scales(params) -> list:
-  """[(block name, [M, C] bn2 scale)] of every bottleneck, in module order."""
+  """[(block name, [M, C] scale)] of every bottleneck's bn2 (MiT: every block's norm2), in the
+  order of the flattened tree."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return [(path_str(path).split('/')[1], leaf) for path, leaf in flat
           if EXCHANGE_SCALE_PATH.match(path_str(path))]

@@ -94,8 +94,8 @@ class TokenFusionSegmenter(nn.Module):
     'branches': float32 [M, N, h, w, K] logits at stride 4 (h = H_1, the patch_embed1 size),
     'ensemble': float32 [N, h, w, K] = sum_m softmax(alpha)_m * stop_gradient(branches[m]),
     'alpha': float32 [M] softmax(alpha),
-    'masks': the token scores of every encoder block [M, N, H_s, W_s] (`mit.mask_l1` is the
-      official penalty); empty with fusion 'none'.
+    'masks': the token scores of every encoder block [M, N, H_s, W_s] (`ops.mask_l1` is the
+      official penalty); empty unless the fusion asks for token scores (tokenfusion).
   Parameters: 'encoder' (MiT), 'decoder' (SegFormerHead), 'alpha' [M] (ones), the official
   module names; `drop_path_rate` is fixed at 0.1 by the official mit_bX classes. The official
   optimiser holds no alpha (WeTr.get_param_groups: encoder and decoder only), so there the
@@ -104,7 +104,7 @@ class TokenFusionSegmenter(nn.Module):
   num_classes: int
   backbone: str = 'mit_b1'  # the official main.py default
   embedding_dim: int = 256
-  fusion: str = 'tokenfusion'
+  fusion: str = 'tokenfusion'  # a registered fusion that fits the MiT
   threshold: float = mit_lib.MASK_THRESHOLD
   drop_path_rate: float = 0.1
   dropout: float = 0.1
@@ -113,11 +113,13 @@ class TokenFusionSegmenter(nn.Module):
   bn_eps: float = 1e-5
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
+  fusion_options: tuple = ()  # config.model.fusion_options as (key, value) pairs
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
     encoder = mit_lib.mit(self.backbone, fusion=self.fusion, threshold=self.threshold,
-                          drop_path_rate=self.drop_path_rate, dtype=self.dtype, name='encoder')
+                          drop_path_rate=self.drop_path_rate, dtype=self.dtype,
+                          fusion_options=self.fusion_options, name='encoder')
     features, masks = encoder(x, train=train)
     norm = dict(use_running_average=(not train) or self.frozen_bn, momentum=self.bn_momentum,
                 epsilon=self.bn_eps, axis_name=self.axis_name)

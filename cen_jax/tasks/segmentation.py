@@ -226,13 +226,15 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     ce_sums, _ = cross_entropy_sums(stacked_logits(outputs), batch['mask'],
                                     config.data.ignore_label)
     ce = ce_sums / count  # this device's share of each output's global mean
-    l1 = registry.penalty(fusion_, exchange_scales(params), options)
-    total = jnp.sum(ce) + l1_weight * l1 / num_devices
+    l1, share = penalty_terms(fusion_, params, outputs, options, num_devices)
+    total = jnp.sum(ce) + l1_weight * l1 / share
     return total, (ce, l1, outputs, batch_stats)
 
   grads, (ce, l1, outputs, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
   grads = sum_over_devices(grads)
   ce = jax.lax.psum(ce, AXIS)
+  if fusion_.penalty_input == 'token_scores':
+    l1 = jax.lax.psum(l1, AXIS)  # this device's examples' scores -> the global batch's
   params, opt_state, lr_enc, lr_dec = sgd_update(config, starts, tx, state, grads)
 
   names = output_names(config)
@@ -248,9 +250,25 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     below = ops.fraction_below_threshold(exchange_scales(params), config.model.threshold)
     for m, name in enumerate(config.modalities):
       scalars[f'scales_below_threshold/{name}'] = below[m]
+  if fusion_.token_scores:  # equal shards: the mean over devices is the global batch's
+    below = jax.lax.psum(ops.fraction_of_tokens_below(outputs['masks'], config.model.threshold),
+                         AXIS) / num_devices
+    for m, name in enumerate(config.modalities):
+      scalars[f'tokens_below_threshold/{name}'] = below[m]
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, scalars
+
+
+def penalty_terms(fusion_, params, outputs, options, num_devices):
+  """(the fusion's penalty as this device computes it, what this device divides it by).
+
+  Norm scales are replicated, so every device computes the whole penalty and takes 1/D of it;
+  token scores (TokenFusion) cover this device's examples, so their sum over the devices is
+  the official sum over the global batch and each device takes all of its own."""
+  if fusion_.penalty_input == 'token_scores':
+    return registry.penalty(fusion_, outputs['masks'], options), 1
+  return registry.penalty(fusion_, exchange_scales(params), options), num_devices
 
 
 def make_train_step(config, model, starts):
