@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = m = ml_collections.ConfigDict()
   m.fusion = 'cen'  # a registered fusion: 'cen' | 'asymfusion' | 'none' | ... (fusion/registry.py)
   add_fusion_keys(m)
+  # 'resnet' (RefineNet-LW on a ResNet, CEN's network) | 'mit_b0'..'mit_b5' (TokenFusion's
+  # segmenter: the Mix Transformer and the SegFormer head, cen_jax/models/segformer.py)
+  m.backbone = 'resnet'
   m.resnet = 101  # 50 | 101 | 152; ignored when `blocks` is set
   m.blocks = ()  # bottlenecks per stage, e.g. (1, 1, 1, 1) for tiny test models
   m.stem_width = 64
@@ -77,7 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.frozen_bn = True  # official FREEZE_BN: running statistics in training, never updated
   m.dropout = 0.5
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params/statistics stay float32)
-  m.init_from = ''  # torchvision ImageNet .pth (needs torch) or '' for random init
+  m.init_from = ''  # ImageNet .pth (needs torch) or '' for random init: torchvision ResNet, or
+  #   the official SegFormer mit_bX.pth for a MiT backbone (loaded into every branch)
+  m.embedding_dim = 256  # MiT: the SegFormer head's width
+  m.drop_path_rate = 0.1  # MiT: stochastic depth, rising linearly to this over all blocks
 
   config.data = d = ml_collections.ConfigDict()
   d.name = 'nyudv2'  # TFDS builder under data/
@@ -113,6 +119,16 @@ def base_config() -> ml_collections.ConfigDict:
   t.l1_lambda = 2e-4
   t.l1_per_output = True  # official: the L1 term sits in the loop over M + 1 outputs
   t.clip_grad_norm = 0.0  # > 0: torch's clip_grad_norm_ before the step (official: off)
+  # 'sgd' (CEN: two SGD groups, lr_enc / lr_dec per stage) | 'adamw' (TokenFusion's
+  # PolyWarmupAdamW: lr_enc / lr_dec per stage for the encoder / decoder, wd_enc on the
+  # encoder but its norms, wd_dec on the decoder; warm-up then poly decay, restarted per stage)
+  t.optimizer = 'sgd'
+  t.adam_betas = (0.9, 0.999)
+  t.adam_eps = 1e-8
+  t.warmup_steps = 1500  # adamw: linear warm-up from warmup_ratio x lr, in each stage
+  t.warmup_ratio = 1e-6
+  t.poly_steps = 40000  # adamw: lr x (1 - k / poly_steps) ** poly_power after the warm-up
+  t.poly_power = 1.0
   add_runner_keys(t)
 
   config.distributed = distributed_config()
@@ -194,6 +210,18 @@ def dense_config(branches=('rgb>semseg', 'rgb>depth', 'rgb>normals')) -> ml_coll
   config.train.task_weights = ml_collections.ConfigDict(
       {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0})  # every output's loss is weighted by its task
   return config
+
+
+MIT_BACKBONES = tuple(f'mit_b{i}' for i in range(6))
+BACKBONES = ('resnet',) + MIT_BACKBONES
+
+
+def backbone_family(model_config) -> str:
+  """'resnet' or 'mit' for config.model.backbone (one-line error for anything else)."""
+  backbone = model_config.get('backbone', 'resnet')
+  if backbone not in BACKBONES:
+    raise ValueError(f'config.model.backbone={backbone!r}: expected one of {", ".join(BACKBONES)}')
+  return 'mit' if backbone in MIT_BACKBONES else 'resnet'
 
 
 def resnet_blocks(model_config) -> tuple:

@@ -1,5 +1,6 @@
-"""Model construction from a config: the segmentation network (`build_model`) and the translation
-generator and discriminator (`build_translation_models`)."""
+"""Model construction from a config: the segmentation network (`build_model`: RefineNet-LW on a
+ResNet, or TokenFusion's segmenter on a Mix Transformer, by config.model.backbone) and the
+translation generator and discriminator (`build_translation_models`)."""
 
 import jax.numpy as jnp
 import ml_collections
@@ -9,19 +10,29 @@ from cen_jax import config as config_lib
 from cen_jax.fusion import registry
 from cen_jax.models.pix2pix import Discriminator, Generator
 from cen_jax.models.refinenet import SeparateBranches, Segmenter
+from cen_jax.models.segformer import TokenFusionSegmenter
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 MIN_TRANSLATION_SIZE = 32  # the PatchGAN's three stride-2 and two 4x4 stride-1 convs
 
 
-def build_model(config: ml_collections.ConfigDict, *, axis_name=None, heads=()) -> Segmenter:
+def build_model(config: ml_collections.ConfigDict, *, axis_name=None, heads=()):
   """The segmentation network of the config; `heads` gives every task its own classifier
-  (the dense multitask scenarios, Segmenter.heads)."""
+  (the dense multitask scenarios, Segmenter.heads; ResNet only)."""
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r}: expected one of {sorted(DTYPES)}')
   fusion = registry.get(m.fusion)
-  registry.check_branches(fusion, len(config.modalities))
+  family = config_lib.backbone_family(m)
+  registry.check_backbone(fusion, m.get('backbone', 'resnet'), family, len(config.modalities))
+  if family == 'mit':
+    if heads:
+      raise ValueError(f'config.model.backbone={m.backbone!r}: task heads (the dense '
+                       f"scenarios) are built on the ResNet only (config.model.backbone='resnet')")
+    return TokenFusionSegmenter(
+        m.num_classes, m.backbone, m.embedding_dim, m.fusion, m.threshold, m.drop_path_rate,
+        m.dropout, m.frozen_bn, m.bn_momentum, m.bn_eps, axis_name, DTYPES[m.dtype],
+        fusion_options(config))
   fields = dict(
       num_classes=m.num_classes, blocks=config_lib.resnet_blocks(m), fusion=m.fusion,
       threshold=m.threshold, stem_width=m.stem_width, widths=tuple(m.widths),

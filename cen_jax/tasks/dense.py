@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cen_jax import branches as branches_lib
+from cen_jax import config as config_lib
 from cen_jax import metrics as metrics_lib
 from cen_jax import runtime
 from cen_jax import transforms
@@ -93,6 +94,9 @@ def check_config(config):
     if b.task not in TASK_LOSSES:
       raise ValueError(f'config.branches: {b.name!r} has task {b.task!r}; expected one of '
                        f'{", ".join(TASK_LOSSES)}')
+  if config_lib.backbone_family(config.model) != 'resnet':
+    raise ValueError(f'config.model.backbone={config.model.backbone!r}: the dense task builds '
+                     f"its task heads on the ResNet only (config.model.backbone='resnet')")
   if registry.get(config.model.fusion).network != 'shared':
     raise ValueError(f'config.model.fusion={config.model.fusion!r}: the dense task needs a '
                      f'fusion of the shared network (separate/early are segmentation baselines)')

@@ -380,18 +380,26 @@ def preview_image(config, batch, preds) -> np.ndarray:
 def summary(config) -> list[str]:
   """Parameter count and forward GFLOPs (XLA cost analysis) at crop_size, from shapes only."""
   lines = model_summary(config, build_model(config), len(config.modalities))
-  return [f'model: {config.model.fusion} resnet blocks '
-          f'{config_lib.resnet_blocks(config.model)}, modalities {list(config.modalities)}, '
+  if config_lib.backbone_family(config.model) == 'mit':
+    network = f'{config.model.backbone} + SegFormer head'
+  else:
+    network = f'resnet blocks {config_lib.resnet_blocks(config.model)}'
+  return [f'model: {config.model.fusion} {network}, modalities {list(config.modalities)}, '
           f'{config.model.num_classes} classes, input {config.data.crop_size}x'
           f'{config.data.crop_size}'] + lines
 
 
-def model_summary(config, model, num_branches: int) -> list[str]:
-  """['params: P', 'gflops: G'] of `model` at crop_size, from shapes only."""
+def abstract_variables(config, model, num_branches: int):
+  """(shapes of the model's variables at crop_size, the input's shape), no compute."""
   size = config.data.crop_size
   x = jax.ShapeDtypeStruct((num_branches, 1, size, size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x,
-                                                  train=False), x)
+  return jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x, train=False),
+                        x), x
+
+
+def model_summary(config, model, num_branches: int) -> list[str]:
+  """['params: P', 'gflops: G'] of `model` at crop_size, from shapes only."""
+  variables, x = abstract_variables(config, model, num_branches)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
   cost = forward.lower(variables, x).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
