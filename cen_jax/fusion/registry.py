@@ -194,8 +194,8 @@ def check_backbone(fusion: Fusion, backbone: str, family: str, num_branches: int
     raise ValueError(f'config.model.fusion={fusion.name!r} does not fit config.model.backbone='
                      f'{backbone!r}: it has network={fusion.network!r}, points='
                      f'{sorted(fusion.points)}, where this backbone builds networks '
-                     f'{list(BACKBONE_NETWORKS[family])} with points {list(BACKBONE_POINTS[family])}'
-                     f'; fusions that fit: {", ".join(fitting)}')
+                     f'{list(BACKBONE_NETWORKS[family])} with points '
+                     f'{list(BACKBONE_POINTS[family])}; fusions that fit: {", ".join(fitting)}')
   if fusion.token_scores and num_branches < 2:
     raise ValueError(f'fusion {fusion.name!r} exchanges tokens between branches: got '
                      f'{num_branches} branch(es), expected at least 2')

@@ -213,7 +213,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   grads, (losses, l1, outputs, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
   grads = sum_over_devices(grads)
   losses = jax.lax.psum(losses, AXIS)
-  params, opt_state, lr_enc, lr_dec = seg.sgd_update(config, starts, tx, state, grads)
+  params, opt_state, lr_enc, lr_dec = seg.optimizer_update(config, starts, tx, state, grads)
 
   scalars = {f'loss/{n}': losses[i] for i, n in enumerate(names)}
   scalars['finite'] = all_finite(grads, losses)

@@ -5,7 +5,9 @@ The loss is normalised by the *global* count of labelled pixels, so a data-paral
 one single-device step on the whole batch. Official recipe (docs/papers.md §1.2): two SGD groups
 (encoder / decoder + alpha) with staged learning rates applied in the step and the optimiser
 state reset at each stage; CE of every branch and the ensemble on bilinearly upsampled logits;
-L1 on the partitioned bn2 scales, counted per output.
+L1 on the partitioned bn2 scales, counted per output. With a MiT backbone (config.model.backbone
+'mit_bX') the network is TokenFusion's segmenter and `config.train.optimizer = 'adamw'` is the
+official TokenFusion optimiser (PolyWarmupAdamW, three groups, restarted at every stage).
 """
 
 import functools
@@ -21,6 +23,7 @@ from cen_jax import config as config_lib
 from cen_jax import metrics as metrics_lib
 from cen_jax import models
 from cen_jax import runtime
+from cen_jax import tokenfusion_io
 from cen_jax import torch_io  # numpy-only unless a file is a .pth
 from cen_jax import transforms
 from cen_jax import viz
@@ -48,6 +51,10 @@ def check_config(config):
   if not len(t.stage_epochs) == len(t.lr_enc) == len(t.lr_dec):
     raise ValueError(f'config.train: stage_epochs, lr_enc and lr_dec need one entry per stage, '
                      f'got {len(t.stage_epochs)}, {len(t.lr_enc)}, {len(t.lr_dec)}')
+  if t.optimizer not in OPTIMIZERS:
+    raise ValueError(f'config.train.optimizer={t.optimizer!r}: expected one of '
+                     f'{", ".join(OPTIMIZERS)}')
+  config_lib.backbone_family(config.model)
   network = registry.get(config.model.fusion).network
   if config.model.init_from and network != 'shared':
     raise ValueError(f'config.model.init_from={config.model.init_from!r}: ImageNet weights '
@@ -115,17 +122,70 @@ def param_groups(params):
       lambda path, _: 'enc' if is_encoder(path_str(path)) else 'dec', params)
 
 
+OPTIMIZERS = ('sgd', 'adamw')
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Two SGD groups as torch.optim.SGD(momentum, weight_decay), without the learning rate.
+  """The optimiser without its learning rate: two SGD groups as torch.optim.SGD(momentum,
+  weight_decay), or with config.train.optimizer 'adamw' the groups of `make_adamw`.
 
   The per-stage learning rate is applied in the step (`stage_learning_rates`), so one
   compiled step serves every stage; the state is re-initialised at each stage start.
   """
   t = config.train
+  if t.optimizer == 'adamw':
+    return make_adamw(config)
   group = lambda wd, mom: optax.chain(optax.add_decayed_weights(wd), optax.trace(decay=mom))
   return optax.multi_transform(
       {'enc': group(t.wd_enc, t.momentum_enc), 'dec': group(t.wd_dec, t.momentum_dec)},
       param_groups)
+
+
+def adamw_groups(config):
+  """params -> labels of the AdamW groups. MiT: the official WeTr.get_param_groups
+  (tokenfusion_io.official_param_group): 'encoder', 'encoder_norm' (no weight decay),
+  'decoder' (10x lr in the official recipe: lr_dec), and 'frozen' for alpha, which the
+  official optimiser holds in no group (never updated). ResNet: 'encoder' / 'decoder'."""
+  mit = config_lib.backbone_family(config.model) == 'mit'
+
+  def label(path, _):
+    name = path_str(path)
+    if mit:
+      return tokenfusion_io.official_param_group(name) or 'frozen'
+    return 'encoder' if is_encoder(name) else 'decoder'
+
+  return lambda params: jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_adamw(config) -> optax.GradientTransformation:
+  """torch.optim.AdamW per group without the learning rate: Adam's direction plus the
+  decoupled weight decay (torch: p -= lr * (wd * p + adam)); the step scales by -lr."""
+  t = config.train
+  b1, b2 = t.adam_betas
+  adam = lambda wd: optax.chain(optax.scale_by_adam(b1, b2, t.adam_eps),
+                                optax.add_decayed_weights(wd))
+  return optax.multi_transform(
+      {'encoder': adam(t.wd_enc), 'encoder_norm': adam(0.0), 'decoder': adam(t.wd_dec),
+       'frozen': optax.set_to_zero()}, adamw_groups(config))
+
+
+def adamw_multiplier(config, starts, step):
+  """The official PolyWarmupAdamW factor on every group's learning rate at `step`, k steps
+  into its stage (the official builds a new optimiser, global_step 0, per stage): linear
+  warm-up from warmup_ratio over warmup_steps, then (1 - k / poly_steps) ** poly_power, held
+  at its last value from poly_steps on (official: the lr is no longer changed there)."""
+  t = config.train
+  bounds = jnp.asarray(starts[:-1], jnp.int32)
+  k = step - bounds[jnp.sum(step >= bounds) - 1]
+  poly = optax.polynomial_schedule(1.0, 0.0, t.poly_power, t.poly_steps)
+  factor = poly(jnp.minimum(k, t.poly_steps - 1))
+  if t.warmup_steps > 0:
+    # ratio + (1 - ratio) k / warmup from a 0 -> 1 ramp: exactly the ratio at k = 0 (XLA may
+    # reassociate optax's ratio -> 1 form into 1 - (1 - ratio), 1.0133e-6 in float32)
+    ramp = optax.linear_schedule(0.0, 1.0, t.warmup_steps)
+    factor = jnp.where(k < t.warmup_steps,
+                       t.warmup_ratio + (1.0 - t.warmup_ratio) * ramp(k), factor)
+  return factor
 
 
 def reset_optimizer(config, params):
@@ -210,6 +270,26 @@ def sgd_update(config, starts, tx, state, grads):
   return optax.apply_updates(state.params, updates), opt_state, lr_enc, lr_dec
 
 
+def adamw_update(config, starts, tx, state, grads):
+  """The AdamW groups with this stage's learning rates times the warm-up/poly factor:
+  (params, opt_state, lr_enc, lr_dec), the learning rates as applied."""
+  lr_enc, lr_dec = stage_learning_rates(config, starts, state.step)
+  factor = adamw_multiplier(config, starts, state.step)
+  lr_enc, lr_dec = lr_enc * factor, lr_dec * factor
+  grads = clip_gradients(grads, config.train.clip_grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  lrs = jax.tree.map(lambda g: -lr_dec if g == 'decoder' else -lr_enc,
+                     adamw_groups(config)(state.params))
+  updates = jax.tree.map(lambda u, lr: lr * u, updates, lrs)
+  return optax.apply_updates(state.params, updates), opt_state, lr_enc, lr_dec
+
+
+def optimizer_update(config, starts, tx, state, grads):
+  """`sgd_update` or `adamw_update`, by config.train.optimizer."""
+  update = adamw_update if config.train.optimizer == 'adamw' else sgd_update
+  return update(config, starts, tx, state, grads)
+
+
 def train_step(state: TrainState, batch, *, model, config, starts, tx):
   """One per-device training step; collectives on AXIS. batch: {'x': [M,n,H,W,3], 'mask': [n,H,W]}."""
   num_outputs = len(output_names(config))
@@ -235,7 +315,7 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   ce = jax.lax.psum(ce, AXIS)
   if fusion_.penalty_input == 'token_scores':
     l1 = jax.lax.psum(l1, AXIS)  # this device's examples' scores -> the global batch's
-  params, opt_state, lr_enc, lr_dec = sgd_update(config, starts, tx, state, grads)
+  params, opt_state, lr_enc, lr_dec = optimizer_update(config, starts, tx, state, grads)
 
   names = output_names(config)
   scalars = {f'loss/{n}': ce[i] for i, n in enumerate(names)}

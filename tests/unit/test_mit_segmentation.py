@@ -51,3 +51,23 @@ def test_fusions_that_fit_the_mit():
   assert not fits & {'average', 'sum', 'separate', 'early'}
   with pytest.raises(ValueError, match="config.model.backbone='mit_b7': expected one of"):
     build_model(mit_config('mit_b7'))
+
+
+def test_adamw_learning_rate_factor_is_the_official_poly_warmup_per_stage():
+  """PolyWarmupAdamW before each step k of a stage: 1 - (1 - k / W)(1 - r) while k < W, then
+  (1 - k / T) ** p, held from T on; k restarts with every stage (a new optimiser each)."""
+  config = mit_config()
+  t = config.train
+  t.optimizer = 'adamw'
+  t.stage_epochs = (20, 20)
+  t.warmup_steps, t.warmup_ratio, t.poly_steps, t.poly_power = 4, 1e-6, 12, 0.5
+  starts = segmentation.stage_starts(config, steps_per_epoch=1)
+
+  def official(k):
+    if k < 4:
+      return 1 - (1 - k / 4) * (1 - 1e-6)
+    return (1 - min(k, 11) / 12) ** 0.5
+
+  factor = jax.jit(lambda step: segmentation.adamw_multiplier(config, starts, step))
+  got = [float(factor(jnp.int32(step))) for step in range(40)]
+  np.testing.assert_allclose(got, [official(step % 20) for step in range(40)], rtol=1e-6)
