@@ -88,12 +88,25 @@ def convert_pth_to_npz(src, dst) -> None:
 
 def save_torch_checkpoint(path, variables) -> None:
   """Writes {'segmenter': state_dict} in the official layout (needs torch)."""
+  _save_torch_segmenter(path, export_cen_state_dict(variables))
+
+
+def save_segmenter(path, state_dict) -> None:
+  """{'segmenter': state_dict} in the official layout (needs torch), or, for a path ending in
+  .npz, the state_dict as an .npz file (numpy only; `load_state_dict` reads both)."""
+  if os.fspath(path).endswith('.npz'):
+    with atomic_write(path, 'wb') as f:
+      np.savez(f, **{k: np.asarray(v) for k, v in state_dict.items()})
+    return
+  _save_torch_segmenter(path, state_dict)
+
+
+def _save_torch_segmenter(path, state_dict) -> None:
   torch = _import_torch(path)
   from collections import OrderedDict
-  state_dict = OrderedDict((k, torch.from_numpy(np.array(v)))
-                           for k, v in export_cen_state_dict(variables).items())
+  tensors = OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())
   with atomic_write(path, 'wb') as f:
-    torch.save({'segmenter': state_dict}, f)
+    torch.save({'segmenter': tensors}, f)
 
 
 def _import_torch(path):

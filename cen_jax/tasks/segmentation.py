@@ -77,12 +77,28 @@ def init_variables(config, model, rng, image_size=(64, 64)):
     return jax.jit(lambda rng: model.init({'params': rng}, x, train=False))(rng)
 
 
+def is_mit(config) -> bool:
+  return config_lib.backbone_family(config.model) == 'mit'
+
+
+def read_into(path: str, read, variables) -> dict:
+  """read(state_dict of the file at `path`, variables), its errors naming the file."""
+  try:
+    return read(torch_io.load_state_dict(path), variables)
+  except torch_io.CheckpointError as e:
+    message = str(e)
+    raise torch_io.CheckpointError(message if message.startswith(path) else
+                                   f'{path}: {message}') from None
+
+
 def initial_state_variables(config, model, rng):
-  """Random init, with the encoder from a torchvision ImageNet ResNet when init_from is set."""
+  """Random init, with the encoder from ImageNet weights when init_from is set: a torchvision
+  ResNet, or the official SegFormer mit_bX.pth for a MiT (every branch's norms alike)."""
   variables = init_variables(config, model, rng)
   if config.model.init_from:
-    weights = torch_io.load_state_dict(config.model.init_from)
-    variables = torch_io.import_torchvision_resnet(weights, jax.device_get(variables))
+    read = tokenfusion_io.import_mit_imagenet if is_mit(config) else \
+        torch_io.import_torchvision_resnet
+    variables = read_into(config.model.init_from, read, jax.device_get(variables))
   return variables
 
 
@@ -498,12 +514,20 @@ def predict(config, model, variables, inputs, output, *, save_logits=False) -> l
 
 
 def import_torch_variables(config, model, path: str) -> dict:
-  """Variables from an official CEN/AsymFusion PyTorch checkpoint."""
+  """Variables from an official CEN/AsymFusion PyTorch checkpoint, or, with a MiT backbone,
+  an official TokenFusion one (.pth, or .npz of the same state_dict)."""
   variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
+  if is_mit(config):
+    return read_into(path, tokenfusion_io.import_tokenfusion, variables)
   return torch_io.import_cen_checkpoint(torch_io.load_state_dict(path), variables)
 
 
 def export_torch(state, output: str) -> list[str]:
-  """The official-style state_dict at `output` (a .pth file)."""
-  torch_io.save_torch_checkpoint(output, eval_variables(state))
+  """The official-style state_dict at `output` (a .pth file; with a MiT backbone the official
+  TokenFusion names, 'module.' included, or an .npz of them without torch)."""
+  variables = eval_variables(state)
+  if 'patch_embed1' in variables['params'].get('encoder', {}):  # a MiT: TokenFusion's segmenter
+    torch_io.save_segmenter(output, tokenfusion_io.export_tokenfusion(jax.device_get(variables)))
+  else:
+    torch_io.save_torch_checkpoint(output, variables)
   return [output]
