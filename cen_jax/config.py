@@ -84,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
   #   the official SegFormer mit_bX.pth for a MiT backbone (loaded into every branch)
   m.embedding_dim = 256  # MiT: the SegFormer head's width
   m.drop_path_rate = 0.1  # MiT: stochastic depth, rising linearly to this over all blocks
+  # MiT: per stage widths (heads 1, 2, 5, 8 must divide them), blocks and attention spatial
+  # reduction (8, 4, 2, 1: a stage map must be at least that large), overriding the backbone's;
+  # () = the official ones. For small test and demo networks.
+  m.mit_embed_dims = ()
+  m.mit_depths = ()
+  m.mit_sr_ratios = ()
 
   config.data = d = ml_collections.ConfigDict()
   d.name = 'nyudv2'  # TFDS builder under data/

@@ -32,7 +32,8 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name=None, heads=()):
     return TokenFusionSegmenter(
         m.num_classes, m.backbone, m.embedding_dim, m.fusion, m.threshold, m.drop_path_rate,
         m.dropout, m.frozen_bn, m.bn_momentum, m.bn_eps, axis_name, DTYPES[m.dtype],
-        fusion_options(config))
+        fusion_options(config), tuple(m.mit_embed_dims), tuple(m.mit_depths),
+        tuple(m.mit_sr_ratios))
   fields = dict(
       num_classes=m.num_classes, blocks=config_lib.resnet_blocks(m), fusion=m.fusion,
       threshold=m.threshold, stem_width=m.stem_width, widths=tuple(m.widths),

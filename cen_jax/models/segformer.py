@@ -114,12 +114,17 @@ class TokenFusionSegmenter(nn.Module):
   axis_name: Optional[str] = None
   dtype: Any = jnp.float32
   fusion_options: tuple = ()  # config.model.fusion_options as (key, value) pairs
+  embed_dims: tuple = ()  # overrides the backbone's (small test and demo networks)
+  depths: tuple = ()
+  sr_ratios: tuple = ()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
+    arch = {k: tuple(v) for k, v in (('embed_dims', self.embed_dims), ('depths', self.depths),
+                                     ('sr_ratios', self.sr_ratios)) if v}
     encoder = mit_lib.mit(self.backbone, fusion=self.fusion, threshold=self.threshold,
                           drop_path_rate=self.drop_path_rate, dtype=self.dtype,
-                          fusion_options=self.fusion_options, name='encoder')
+                          fusion_options=self.fusion_options, name='encoder', **arch)
     features, masks = encoder(x, train=train)
     norm = dict(use_running_average=(not train) or self.frozen_bn, momentum=self.bn_momentum,
                 epsilon=self.bn_eps, axis_name=self.axis_name)
