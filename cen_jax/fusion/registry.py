@@ -159,9 +159,10 @@ def apply_point(fusion: Fusion, point: str, x: jax.Array, site: Site,
                 carry: dict) -> tuple[jax.Array, dict]:
   """Runs `fusion` at `point` of a block: returns (x, carry) for the block's next points."""
   fn = fusion.points.get(point)
+  site = dataclasses.replace(site, point=point)
   if fn is None or not fusion.where(site):
     return x, carry
-  out = fn(x, dataclasses.replace(site, carry=dict(carry), point=point))
+  out = fn(x, dataclasses.replace(site, carry=dict(carry)))
   if isinstance(out, tuple):
     x, update = out
     carry = {**carry, **update}
