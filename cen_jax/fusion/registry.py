@@ -171,6 +171,20 @@ def apply_point(fusion: Fusion, point: str, x: jax.Array, site: Site,
   return x, carry
 
 
+class BlockPoints:
+  """A block's points in order: `points(name, x, scale)` runs the fusion at point `name` (with
+  `scale`, the [M, C] scale of the norm just applied, if any) and keeps the carry for the
+  block's later points."""
+
+  def __init__(self, fusion: Fusion, site: Site):
+    self.fusion, self.site, self.carry = fusion, site, {}
+
+  def __call__(self, point: str, x: jax.Array, scale: Optional[jax.Array] = None) -> jax.Array:
+    x, self.carry = apply_point(self.fusion, point, x,
+                                dataclasses.replace(self.site, scale=scale), self.carry)
+    return x
+
+
 def check_branches(fusion: Fusion, num_branches: int) -> None:
   if fusion.max_branches and num_branches > fusion.max_branches:
     raise ValueError(f'fusion {fusion.name!r} is defined for at most {fusion.max_branches} '

@@ -40,8 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import dataclasses
-
 from cen_jax.fusion import registry
 from cen_jax.fusion.ops import mask_l1, token_exchange  # noqa: F401  (this module's API too)
 from cen_jax.layers import per_branch, fastest_conv, fold, unfold
@@ -241,16 +239,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, scores, *, train: bool) -> jax.Array:
     norm = lambda name: PrivateLayerNorm(LN_EPS, dtype=self.dtype, name=name)
-    fusion = registry.get(self.fusion)
-    site = registry.Site(self.name, self.stage, self.index, self.num_blocks, self.threshold,
-                         dict(self.fusion_options), scores=scores)
-    carry = {}
-
-    def at(point, out, scale=None):
-      nonlocal carry
-      out, carry = registry.apply_point(fusion, point, out, dataclasses.replace(site, scale=scale),
-                                        carry)
-      return out
+    at = registry.BlockPoints(registry.get(self.fusion), registry.Site(
+        self.name, self.stage, self.index, self.num_blocks, self.threshold,
+        dict(self.fusion_options), scores=scores))
 
     def path(f):  # the residual branch, through stochastic depth when training
       if train and self.drop_path > 0:

@@ -8,7 +8,6 @@ parameters and statistics). The bottleneck hands its activations to the configur
 - 'none': shared convs + private norms only.
 """
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -38,16 +37,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     conv = lambda f, k, s, p, name: SharedConv(f, k, s, p, dtype=self.dtype, name=name)
     norm = lambda name: PrivateBatchNorm(**self.norm, dtype=self.dtype, name=name)
-    fusion = registry.get(self.fusion)
-    site = registry.Site(self.name, self.stage, self.index, self.num_blocks, self.threshold,
-                        dict(self.fusion_options))
-    carry = {}
-
-    def at(point, out, scale=None):
-      nonlocal carry
-      out, carry = registry.apply_point(fusion, point, out, dataclasses.replace(site, scale=scale),
-                                       carry)
-      return out
+    at = registry.BlockPoints(registry.get(self.fusion), registry.Site(
+        self.name, self.stage, self.index, self.num_blocks, self.threshold,
+        dict(self.fusion_options)))
 
     bn1 = norm('bn1')
     out = at('bn1', bn1(conv(self.planes, 1, 1, 0, 'conv1')(x)), bn1.variables['params']['scale'])
