@@ -6,7 +6,6 @@ recipe with learning rates for training from scratch and a short warm-up and dec
 calibrated: no expected figures (`--mode check` has nothing to compare).
 """
 
-from cen_jax import config as config_lib
 from cen_jax.configs import demo
 
 FUSIONS = ('tokenfusion', 'cen', 'asymfusion', 'none')

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cen_jax import config as config_lib
-from cen_jax.fusion import ops, registry
+from cen_jax.fusion import registry
 from cen_jax.models import build_model, count_params
 from cen_jax.tasks import segmentation
 
