@@ -21,11 +21,35 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
+# Modules with tests of a minute or more on 2 cores (pytest --durations), the longest tests'
+# first: they run first, in this order, so that the xdist workers end on short tests together
+# instead of one waiting out a long one.
+SLOW_MODULES = (
+    'tests/e2e/test_multiprocess_main.py', 'tests/e2e/test_multiprocess.py',
+    'tests/e2e/test_end_to_end.py', 'tests/e2e/test_ablate.py', 'tests/e2e/test_examples.py',
+    'tests/unit/test_train_step.py', 'tests/unit/test_fid.py', 'tests/unit/test_dense.py',
+    'tests/unit/test_translation_step.py', 'tests/unit/test_fusion_registry.py',
+    'tests/e2e/test_wheel.py', 'tests/e2e/test_translation_end_to_end.py',
+    'tests/unit/test_checkpoints.py', 'tests/unit/test_mit_segmentation.py', 'tests/e2e/',
+    # the parity suite (a run of its own, .venv-torch)
+    'tests/parity/test_torch_io.py', 'tests/parity/test_mit_torch.py',
+    'tests/parity/test_gan_two_steps.py', 'tests/parity/test_translation_interop.py',
+    'tests/parity/test_pix2pix.py', 'tests/parity/test_fid_torch.py')
+
+
 def pytest_collection_modifyitems(config, items):
   """Every test under tests/parity/ needs PyTorch: marked `torch`, so that `-m "not torch"`
-  (the Python 3.12 venv) leaves them out and `-m torch` (.venv-torch) runs only them."""
+  (the Python 3.12 venv) leaves them out and `-m torch` (.venv-torch) runs only them.
+  Tests of SLOW_MODULES are marked `slow` and run first, in its order."""
   import pytest
-  parity = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'parity') + os.sep
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+  rank = {}
   for item in items:
-    if str(item.fspath).startswith(parity):
+    path = str(item.fspath)[len(root):].replace(os.sep, '/')
+    if path.startswith('tests/parity/'):
       item.add_marker(pytest.mark.torch)
+    slow = [i for i, prefix in enumerate(SLOW_MODULES) if path.startswith(prefix)]
+    if slow:
+      item.add_marker(pytest.mark.slow)
+    rank[item.nodeid] = slow[0] if slow else len(SLOW_MODULES)
+  items.sort(key=lambda item: rank[item.nodeid])  # stable: file order within a rank

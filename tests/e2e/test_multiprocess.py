@@ -14,6 +14,11 @@ from tests.unit.test_train_step import random_batch, run_steps, total_losses
 from tests.helpers.tiny import tiny_config
 from tests.helpers.env import child_env
 
+# One xdist worker runs every multi-process test, one after the other (scripts/test.sh,
+# --dist loadgroup): two at once on 2 cores can starve a process past gloo's fixed 30 s wait
+# at the first collective.
+pytestmark = pytest.mark.xdist_group('multiprocess')
+
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'helpers',
                       'multiprocess_worker.py')
 

@@ -17,6 +17,11 @@ import pytest
 
 from tests.helpers.env import child_env
 
+# One xdist worker runs every multi-process test, one after the other (scripts/test.sh,
+# --dist loadgroup): two at once on 2 cores can starve a process past gloo's fixed 30 s wait
+# at the first collective.
+pytestmark = pytest.mark.xdist_group('multiprocess')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'helpers', 'configs', 'tiny_synthetic.py')
 WORKER = os.path.join(ROOT, 'tests', 'helpers', 'multiprocess_main_worker.py')

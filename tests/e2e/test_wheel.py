@@ -1,11 +1,18 @@
 """The built wheel, installed into a fresh virtual environment, works from a directory outside
 the checkout: `import cen_jax` comes from site-packages, and the `cen-jax` command prints the
-demo's summary and prepares the synthetic scenes (builders installed as cen_jax.datasets)."""
+demo's summary and prepares the synthetic scenes (builders installed as cen_jax.datasets).
+
+The fresh environment sees the test environment's packages through a .pth line, so pip resolves
+the wheel's dependencies against them (and fails if one is missing or of the wrong version)
+without downloading or unpacking them again: that took minutes of the test suite. A path added
+by a .pth line is not itself scanned for .pth files, so the test environment's editable
+cen_jax (a .pth import hook) stays inactive there."""
 
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -29,13 +36,21 @@ def installed(tmp_path_factory):
   shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
       '.git', '.venv*', 'build', 'dist', '*.egg-info', '__pycache__', 'workdirs', 'tfds_data',
       '.hypothesis'))
-  run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', str(tmp / 'dist'),
-       str(source)])
+  # Offline: setuptools from the test environment (the test extra), no isolated build env.
+  run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-index',
+       '--no-build-isolation', '-w', str(tmp / 'dist'), str(source)])
   wheels = [f for f in os.listdir(tmp / 'dist') if f.endswith('.whl')]
   assert len(wheels) == 1, wheels
-  run([sys.executable, '-m', 'venv', str(tmp / 'venv')])
+  run([sys.executable, '-m', 'venv', '--without-pip', str(tmp / 'venv')])
   bin_dir = tmp / 'venv' / 'bin'
-  run([str(bin_dir / 'python'), '-m', 'pip', 'install', '-q', str(tmp / 'dist' / wheels[0])])
+  site = run([str(bin_dir / 'python'), '-c', 'import sysconfig; print(sysconfig.get_paths()'
+              '["purelib"])']).strip()
+  with open(os.path.join(site, 'test_environment.pth'), 'w') as f:
+    f.write(sysconfig.get_paths()['purelib'] + '\n')
+  # The test environment's pip, installing into the fresh one; --no-index: every dependency
+  # must already be there.
+  run([sys.executable, '-m', 'pip', '--python', str(bin_dir / 'python'), 'install', '-q',
+       '--no-index', str(tmp / 'dist' / wheels[0])])
   outside = tmp / 'elsewhere'
   outside.mkdir()
   return bin_dir, outside
@@ -58,8 +73,10 @@ def test_console_command_summary_and_prepare(installed):
   out = run([str(bin_dir / 'cen-jax'), f'--config={config}', '--mode=summary'], cwd=outside,
             env=env)
   assert 'params:' in out and 'gflops:' in out
+  # The scenes' smallest builder config: rendering the demo's takes minutes of the suite.
   out = run([str(bin_dir / 'cen-jax'), f'--config={config}', '--mode=prepare',
-             f'--config.data.data_dir={outside / "tfds"}'], cwd=outside, env=env)
+             '--config.data.builder_config=tiny', f'--config.data.data_dir={outside / "tfds"}'],
+            cwd=outside, env=env)
   assert "prepared 'synthetic_scenes'" in out
   assert any('dataset_info.json' in files
              for _, _, files in os.walk(outside / 'tfds' / 'synthetic_scenes', followlinks=True))
