@@ -119,7 +119,9 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def main():
+def main(step_class=None):
+  """The worker protocol around `step_class(official_dir, case)` (default OfficialStep)."""
+  step_class = step_class or OfficialStep
   parser = argparse.ArgumentParser()
   parser.add_argument('--official_repo', required=True)
   args = parser.parse_args()
@@ -129,7 +131,7 @@ def main():
     for line in sys.stdin:
       msg = json.loads(line)
       if msg['cmd'] == 'setup':
-        step = OfficialStep(official_dir, msg['case'])
+        step = step_class(official_dir, msg['case'])
         start = time.perf_counter()
         step()
         reply = {'params': step.params(), 'first_s': time.perf_counter() - start,

@@ -8,7 +8,9 @@ process (benchmarks/official_torch_step.py, run by --torch_python) build the sam
 same synthetic batch; the parent then alternates turns between them (ABBA order) so both
 see the same machine load, and times the last of `--block` steps of each turn (steady state, as
 in training: on this 2-core machine the first step after the other worker ran was up to 1.5x
-slower, more so for cen-jax), and prints the medians and their ratio as one table. Default cases:
+slower, more so for cen-jax), and prints the medians and their ratio as one table. `--backbone
+mit_b1 --official_repo /path/to/TokenFusion` times TokenFusion on MiT-B1 against the official
+TokenFusion step (benchmarks/official_tokenfusion_step.py) instead. Default cases:
 RefineNet-LW on ResNet-50, M = 2, 40 classes, frozen BN, two SGD groups, CE on the M + 1
 outputs + L1, 128x128 and 256x256 batch 2 (train step); ResNet-101 480x640 batch 1 (forward,
 eval mode). Compile time (cen-jax: lower + compile) and the first PyTorch step are reported
@@ -47,6 +49,8 @@ def synthetic_batch(case, seed=0):
 
 def jax_config(case):
   from cen_jax import config as config_lib
+  if case.get('backbone', 'resnet').startswith('mit_'):
+    return mit_config(case)
   config = config_lib.base_config()
   config.model.resnet = case['resnet']
   config.model.num_classes = case['classes']
@@ -54,6 +58,17 @@ def jax_config(case):
   config.train.batch_size = case['batch']
   config.train.lr_enc = (case['lr_enc'],) * 3
   config.train.lr_dec = (case['lr_dec'],) * 3
+  return config
+
+
+def mit_config(case):
+  """TokenFusion on MiT: the official recipe (configs/nyudv2_tokenfusion_mit.py), with the case's
+  classes, branches and batch."""
+  from cen_jax.configs import nyudv2_tokenfusion_mit
+  config = nyudv2_tokenfusion_mit.get_config(case['backbone'][len('mit_'):])
+  config.model.num_classes = case['classes']
+  config.modalities = ('rgb', 'depth', 'extra1', 'extra2')[:case['branches']]
+  config.train.batch_size = case['batch']
   return config
 
 
@@ -172,17 +187,18 @@ def parse_shape(text):
   return int(h), int(w)
 
 
-def make_case(mode, shape, batch, resnet, branches=2, classes=40):
+def make_case(mode, shape, batch, resnet, branches=2, classes=40, backbone='resnet'):
   """One benchmark case: the recipe both workers build (see the module docstring)."""
   height, width = parse_shape(shape)
   return dict(mode=mode, resnet=resnet, height=height, width=width, batch=batch,
-              branches=branches, classes=classes, lr_enc=5e-4, lr_dec=3e-3)
+              branches=branches, classes=classes, lr_enc=5e-4, lr_dec=3e-3, backbone=backbone)
 
 
 def cases(args):
   common = dict(branches=args.branches, classes=args.classes)
-  out = [make_case('train', shape, args.batch, args.resnet, **common) for shape in args.shapes]
-  if args.forward_shape:
+  out = [make_case('train', shape, args.batch, args.resnet, backbone=args.backbone, **common)
+         for shape in args.shapes]
+  if args.forward_shape and args.backbone == 'resnet':  # the forward row is CEN's R101
     out.append(make_case('forward', args.forward_shape, args.forward_batch, args.forward_resnet,
                          **common))
   return out
@@ -190,7 +206,9 @@ def cases(args):
 
 def case_name(case):
   kind = 'train step' if case['mode'] == 'train' else 'forward only'
-  return f"{kind}, R{case['resnet']} {case['height']}x{case['width']}, batch {case['batch']}"
+  network = (f"TokenFusion MiT-{case['backbone'][len('mit_'):].upper()}"
+             if case.get('backbone', 'resnet').startswith('mit_') else f"R{case['resnet']}")
+  return f"{kind}, {network} {case['height']}x{case['width']}, batch {case['batch']}"
 
 
 def measure(case, args):
@@ -224,8 +242,9 @@ def measure_once(case, args):
     workers['jax_other'] = Worker(
         [args.jax_python, os.path.join(tree, 'benchmarks', 'train_step.py'), '--worker'], env)
   if args.official_repo:
-    workers['torch'] = Worker([args.torch_python,
-                               os.path.join(ROOT, 'benchmarks', 'official_torch_step.py'),
+    official = ('official_tokenfusion_step.py' if case.get('backbone', 'resnet').startswith('mit_')
+                else 'official_torch_step.py')
+    workers['torch'] = Worker([args.torch_python, os.path.join(ROOT, 'benchmarks', official),
                                '--official_repo', os.path.abspath(args.official_repo)])
   try:
     setup = {k: w.ask(cmd='setup', case=case) for k, w in workers.items()}  # one at a time
@@ -315,12 +334,17 @@ def table(results, compared_to=''):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--official_repo', default='',
-                      help='checkout or git dir of the official CEN repository (yikaiw/CEN)')
+                      help='checkout or git dir of the official repository (yikaiw/CEN; with '
+                      '--backbone mit_*, yikaiw/TokenFusion)')
   parser.add_argument('--torch_python', default=os.path.join(ROOT, '.venv-torch', 'bin', 'python'))
   parser.add_argument('--jax_python', default=sys.executable)
   parser.add_argument('--shapes', nargs='*', default=['128x128', '256x256'])
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--resnet', type=int, default=50)
+  parser.add_argument('--backbone', default='resnet',
+                      help="'resnet' (CEN, RefineNet-LW; --official_repo: yikaiw/CEN) or "
+                      "'mit_b0'..'mit_b5' for the train-step rows (TokenFusion, SegFormer head, "
+                      "AdamW; --official_repo: yikaiw/TokenFusion)")
   parser.add_argument('--branches', type=int, default=2, help='M (the official model needs 2)')
   parser.add_argument('--classes', type=int, default=40)
   parser.add_argument('--forward_shape', default='480x640', help="'' to skip")
