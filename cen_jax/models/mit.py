@@ -170,6 +170,24 @@ def token_scores(log_probs: jax.Array) -> jax.Array:
   return jax.nn.softmax(log_probs, axis=-1)[..., 0]
 
 
+def attention(q, k, v, drop_rate: float = 0.0, rng=None) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v over [M, N, tokens, heads, d], logits and softmax in float32.
+  Through `jax.nn.dot_product_attention` (a fused kernel where the platform has one; on CPU the
+  same einsums), except with attention dropout, which it does not offer (every official
+  mit_bX has attn_drop_rate 0)."""
+  m, n = q.shape[:2]
+  if drop_rate == 0.0:
+    fold_ = lambda t: t.reshape((m * n,) + t.shape[2:])
+    out = jax.nn.dot_product_attention(fold_(q), fold_(k), fold_(v))
+    return out.reshape(q.shape)
+  logits = jnp.einsum('mnqhd,mnkhd->mnhqk', q, k,
+                      preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  attn = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - drop_rate, attn.shape)
+  attn = jnp.where(keep, attn / (1.0 - drop_rate), 0.0).astype(q.dtype)
+  return jnp.einsum('mnhqk,mnkhd->mnqhd', attn, v)
+
+
 class Attention(nn.Module):
   """Efficient self-attention with spatial reduction; its output goes through `fuse` (the
   block's 'tokens' point: TokenFusion's scaling and exchange)."""
@@ -192,11 +210,9 @@ class Attention(nn.Module):
       x = PrivateLayerNorm(LN_EPS, dtype=self.dtype, name='norm')(x)
     kv = dense(2 * c, 'kv', self.qkv_bias, self.dtype)(x).reshape(m, n, -1, 2, heads, head_dim)
     k, v = kv[..., 0, :, :], kv[..., 1, :, :]
-    logits = jnp.einsum('mnqhd,mnkhd->mnhqk', q, k) * (head_dim ** -0.5)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    attn = nn.Dropout(self.attn_drop, deterministic=not train)(attn)
-    out = jnp.einsum('mnhqk,mnkhd->mnqhd', attn, v).reshape(m, n, h, w, c)
-    out = dense(c, 'proj', dtype=self.dtype)(out)
+    out = attention(q, k, v, self.attn_drop if train else 0.0,
+                    self.make_rng('dropout') if train and self.attn_drop > 0 else None)
+    out = dense(c, 'proj', dtype=self.dtype)(out.reshape(m, n, h, w, c))
     out = nn.Dropout(self.proj_drop, deterministic=not train)(out)
     return fuse(out)
 
