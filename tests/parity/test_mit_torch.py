@@ -9,6 +9,7 @@ statistics and its two running updates, branch 0 first.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -191,3 +192,46 @@ def test_gradients_match_the_official_model():
     expected = p.grad.numpy()
     error = np.abs(np.asarray(exported[name]) - expected).max()
     assert error <= 1e-4 * np.abs(expected).max() + floor, f'{name}: max |diff| {error:.3g}'
+
+
+def test_official_checkpoint_imported_then_predicted_reproduces_the_official_model(tmp_path):
+  """An official-format training checkpoint ({'segmenter': state_dict} with DataParallel names,
+  written by torch.save) goes through what `main.py --mode import` and `--mode predict
+  --save_logits` call; the saved logits equal the official model's on the same image files."""
+  from PIL import Image
+  from cen_jax import train
+  from cen_jax.configs import nyudv2_tokenfusion_mit
+  model = torch_model(seed=3).eval()
+  path = str(tmp_path / 'checkpoint.pth.tar')
+  torch.save({'segmenter': {'module.' + k: v for k, v in model.state_dict().items()},
+              'epoch_start': 7, 'best_val': 0.5}, path)
+  config = nyudv2_tokenfusion_mit.get_config('b0')
+  config.model.drop_path_rate = 0.0
+  config.model.dropout = 0.0
+  config.data.crop_size = SIZE
+  workdir = str(tmp_path / 'run')
+  assert train.import_torch_checkpoint(config, path, workdir) == 0
+
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+  depth = rng.integers(0, 60000, (SIZE, SIZE), dtype=np.uint16)
+  files = [str(tmp_path / 'scene_rgb.png'), str(tmp_path / 'scene_depth.png')]
+  Image.fromarray(rgb).save(files[0])
+  Image.fromarray(depth).save(files[1])
+  flax_net = train.build(config)
+  variables, step = train.restore_variables(config, workdir, flax_net)
+  assert step == 0
+  out_dir = str(tmp_path / 'out')
+  train._task(config).predict(config, flax_net, variables, files, out_dir, save_logits=True)
+
+  d = config.data  # normalised as the dataset is, written out here
+  x_rgb = (rgb / 255.0 - np.asarray(d.rgb_mean)) / np.asarray(d.rgb_std)
+  x_depth = np.repeat(depth[:, :, None].astype(np.float64) * d.depth_scale, 3, axis=2)
+  x = np.stack([x_rgb, x_depth]).astype(np.float32)[:, None]
+  with torch.no_grad():
+    torch_outs, torch_masks = model(torch_inputs(x))
+  scores = np.concatenate([m.numpy().ravel() for mask in torch_masks for m in mask])
+  assert 0 < int((scores < MASK_THRESHOLD).sum()) < scores.size  # tokens really exchanged
+  for name, official in zip(('rgb', 'depth', 'ensemble'), torch_outs):
+    saved = np.load(os.path.join(out_dir, f'scene_rgb_{name}.npy'))
+    assert_close(saved, official[0].permute(1, 2, 0).numpy(), f'saved {name} logits')
