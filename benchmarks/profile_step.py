@@ -2,6 +2,7 @@
 its XLA ops grouped by kind.
 
   .venv/bin/python benchmarks/profile_step.py [--shape 256x256] [--batch 2] [--top 12]
+      [--backbone mit_b1]
 
 Builds the step of benchmarks/train_step.py (same network and batch), runs it twice, traces a
 third with jax.profiler (perfetto JSON under --trace_dir), maps each traced op to its
@@ -78,10 +79,12 @@ def main():
   parser.add_argument('--shape', default='256x256')
   parser.add_argument('--batch', type=int, default=2)
   parser.add_argument('--resnet', type=int, default=50)
+  parser.add_argument('--backbone', default='resnet', help="or 'mit_b0'..'mit_b5' (TokenFusion)")
   parser.add_argument('--top', type=int, default=12, help='single kinds-and-shapes listed')
   parser.add_argument('--trace_dir', default='/tmp/cen_jax_profile')
   args = parser.parse_args()
-  step = train_step.JaxStep(train_step.make_case('train', args.shape, args.batch, args.resnet))
+  step = train_step.JaxStep(train_step.make_case('train', args.shape, args.batch, args.resnet,
+                                                 backbone=args.backbone))
   step()
   step()
   start = time.perf_counter()
