@@ -20,7 +20,6 @@ import types
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import official_torch_step as worker  # noqa: E402  (the protocol, the batch)
@@ -85,10 +84,7 @@ class OfficialTokenFusionStep:
                       pretrained=False)
     self.inputs, self.target = worker.synthetic_batch(case)
     if case['mode'] == 'train':
-      self.model.train()
-      for module in self.model.modules():  # official freeze_bn
-        if isinstance(module, nn.BatchNorm2d):
-          module.eval()
+      worker.freeze_bn(self.model)
       groups = self.model.get_param_groups()
       self.optimizer = PolyWarmupAdamW(
           params=[{'params': groups[0], 'lr': STAGE_LR, 'weight_decay': 0.01},
@@ -109,11 +105,7 @@ class OfficialTokenFusionStep:
         self.model(self.inputs)
       return
     outputs, masks = self.model(self.inputs)
-    loss = 0
-    for output in outputs:
-      output = F.interpolate(output, size=self.target.size()[1:], mode='bilinear',
-                             align_corners=False)
-      loss += self.crit(F.log_softmax(output, dim=1), self.target)
+    loss = sum(worker.upsampled_nll(self.crit, output, self.target) for output in outputs)
     loss += LAMDA * sum(sum(torch.abs(m).sum() for m in mask) for mask in masks)
     self.optimizer.zero_grad()
     loss.backward()

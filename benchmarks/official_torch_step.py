@@ -73,6 +73,21 @@ def optimisers(model, case):
           torch.optim.SGD(dec, lr=case['lr_dec'], momentum=0.9, weight_decay=1e-5))
 
 
+def freeze_bn(model) -> None:
+  """Official FREEZE_BN: training mode but every BatchNorm in eval mode."""
+  model.train()
+  for module in model.modules():
+    if isinstance(module, nn.BatchNorm2d):
+      module.eval()
+
+
+def upsampled_nll(crit, output, target):
+  """The official segmentation loss of one output: NLL of the log-softmax of the logits
+  bilinearly upsampled to the label size."""
+  output = F.interpolate(output, size=target.size()[1:], mode='bilinear', align_corners=False)
+  return crit(F.log_softmax(output, dim=1), target)
+
+
 class OfficialStep:
   def __init__(self, official_dir, case):
     sys.path.insert(0, official_dir)
@@ -82,10 +97,7 @@ class OfficialStep:
     self.model = refinenet(case['resnet'], case['classes'], case['branches'], 2e-2)
     self.inputs, self.target = synthetic_batch(case)
     if case['mode'] == 'train':
-      self.model.train()
-      for module in self.model.modules():  # official freeze_bn
-        if isinstance(module, nn.BatchNorm2d):
-          module.eval()
+      freeze_bn(self.model)
       self.optims = optimisers(self.model, case)
       self.crit = nn.NLLLoss(ignore_index=IGNORE_LABEL)
     else:
@@ -103,9 +115,7 @@ class OfficialStep:
     outputs, _ = self.model(self.inputs)
     loss = 0
     for output in outputs:
-      output = F.interpolate(output, size=self.target.size()[1:], mode='bilinear',
-                             align_corners=False)
-      loss += self.crit(F.log_softmax(output, dim=1), self.target)
+      loss += upsampled_nll(self.crit, output, self.target)
       loss += 2e-4 * sum(torch.abs(p).sum() for p in slim)
     for opt in self.optims:
       opt.zero_grad()

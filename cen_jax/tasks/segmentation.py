@@ -162,7 +162,7 @@ def adamw_groups(config):
   (tokenfusion_io.official_param_group): 'encoder', 'encoder_norm' (no weight decay),
   'decoder' (10x lr in the official recipe: lr_dec), and 'frozen' for alpha, which the
   official optimiser holds in no group (never updated). ResNet: 'encoder' / 'decoder'."""
-  mit = config_lib.backbone_family(config.model) == 'mit'
+  mit = is_mit(config)
 
   def label(path, _):
     name = path_str(path)
@@ -476,7 +476,7 @@ def preview_image(config, batch, preds) -> np.ndarray:
 def summary(config) -> list[str]:
   """Parameter count and forward GFLOPs (XLA cost analysis) at crop_size, from shapes only."""
   lines = model_summary(config, build_model(config), len(config.modalities))
-  if config_lib.backbone_family(config.model) == 'mit':
+  if is_mit(config):
     network = f'{config.model.backbone} + SegFormer head'
   else:
     network = f'resnet blocks {config_lib.resnet_blocks(config.model)}'
