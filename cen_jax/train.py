@@ -22,7 +22,7 @@ from cen_jax import runtime
 from cen_jax import tasks
 from cen_jax.fusion import registry
 from cen_jax.runtime import (AXIS, TrainState, batch_specs, device_batch, global_replicated,
-                             keep_finite_update, replicated_sharding)
+                             keep_finite_update, put_replicated, replicated_sharding)
 
 
 def _task(config):
@@ -95,7 +95,7 @@ class Runner:
       self.batch_sharding = {k: NamedSharding(self.mesh, s) for k, s in specs.items()}
 
   def place_state(self, state):
-    return jax.device_put(state, self.replicated)
+    return put_replicated(state, self.replicated)
 
   def step(self, state, host_batch):
     if self.kind == 'pmap':
@@ -165,7 +165,7 @@ def initial_state(config, model) -> TrainState:
   """Fresh state (with any pretrained weights the config names), replicated on every device."""
   task = _task(config)
   variables = task.initial_state_variables(config, model, jax.random.key(config.seed))
-  return jax.device_put(task.state_from_variables(config, variables), replicated_sharding())
+  return put_replicated(task.state_from_variables(config, variables), replicated_sharding())
 
 
 def evaluate(config, model, variables, **kwargs) -> dict:
@@ -387,7 +387,7 @@ def import_torch_checkpoint(config, paths, workdir: str) -> int:
   model = build(config)
   paths = [paths] if isinstance(paths, str) else list(paths)
   variables = task.import_torch_variables(config, model, *paths)
-  state = jax.device_put(task.state_from_variables(config, variables), replicated_sharding())
+  state = put_replicated(task.state_from_variables(config, variables), replicated_sharding())
   meta = ckpt_lib.model_meta(config, state.params)
   ckpts = open_checkpoints(config, workdir, keep=config.train.keep_checkpoints)
   ckpts.check_compatible(meta, workdir)
