@@ -225,3 +225,18 @@ def test_each_mit_point_acts_as_computed_by_hand(fusion, point, by_hand):
   if point == 'tokens':
     assert len(masks) == 5 and any((m < 0.5).any() for m in masks)
     assert any((m >= 0.5).any() for m in masks)
+
+
+def test_sunrgbd_tokenfusion_config_is_the_nyudv2_recipe_on_sun_data():
+  from cen_jax.configs import nyudv2_tokenfusion_mit, sunrgbd_cen_r101, sunrgbd_tokenfusion_mit
+  got = sunrgbd_tokenfusion_mit.get_config('b2').to_dict()
+  nyu = nyudv2_tokenfusion_mit.get_config('b2').to_dict()
+  sun = sunrgbd_cen_r101.get_config().to_dict()
+  assert got['model'] == dict(nyu['model'], num_classes=37)
+  assert got['train'] == nyu['train']
+  assert got['data'] == sun['data']  # every data key: name, depth stretch, crops, splits
+  config = sunrgbd_tokenfusion_mit.get_config('b2')
+  variables, _ = segmentation.abstract_variables(config, build_model(config), 2)
+  # The 40-class head's last conv loses 3 output channels: 3 x (embedding_dim + 1) parameters.
+  assert count_params(variables['params']) == \
+      OFFICIAL_WETR_PARAMS['mit_b2'] - 3 * (config.model.embedding_dim + 1)
