@@ -26,7 +26,7 @@ if [ "${SKIP_TORCH_TESTS:-0}" != 1 ] && command -v python3.11 >/dev/null 2>&1; t
 fi
 
 status=0
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup -p no:cacheprovider -m "not torch" \
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder -p no:cacheprovider -m "not torch" \
   tests "$@" ||
   status=$?
 
@@ -36,7 +36,7 @@ if [ -n "$torch_setup" ]; then
     echo "torch could not be installed for Python 3.11: parity tests not run" >&2
     exit 1
   fi
-  "$TORCH_VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup \
+  "$TORCH_VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder \
     -p no:cacheprovider -m "torch and not user_compile" tests/parity || status=$?
   # Bounds that are the official float32 run's own rounding: compiled as users compile.
   CEN_JAX_TEST_COMPILE=default "$TORCH_VENV/bin/python" -m pytest -q -p no:cacheprovider \

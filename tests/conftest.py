@@ -36,11 +36,20 @@ SLOW_MODULES = (
     'tests/parity/test_gan_two_steps.py', 'tests/parity/test_translation_interop.py',
     'tests/parity/test_pix2pix.py', 'tests/parity/test_fid_torch.py')
 
+# Modules whose module-scoped fixtures are costly (a trained workdir, an installed wheel, a
+# prepared dataset): their tests run on one xdist worker (`--dist loadgroup`), so that each
+# fixture is built once rather than once on each worker.
+SHARED_FIXTURE_MODULES = (
+    'tests/e2e/test_end_to_end.py', 'tests/e2e/test_translation_end_to_end.py',
+    'tests/e2e/test_mit_end_to_end.py', 'tests/e2e/test_wheel.py',
+    'tests/e2e/test_prepare_swap.py', 'tests/unit/test_fid.py')
+
 
 def pytest_collection_modifyitems(config, items):
   """Every test under tests/parity/ needs PyTorch: marked `torch`, so that `-m "not torch"`
   (the Python 3.12 venv) leaves them out and `-m torch` (.venv-torch) runs only them.
-  Tests of SLOW_MODULES are marked `slow` and run first, in its order."""
+  Tests of SLOW_MODULES are marked `slow` and run first, in its order (scripts/test.sh keeps
+  it: --no-loadscope-reorder); SHARED_FIXTURE_MODULES each get an xdist group."""
   import pytest
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
   rank = {}
@@ -51,5 +60,7 @@ def pytest_collection_modifyitems(config, items):
     slow = [i for i, prefix in enumerate(SLOW_MODULES) if path.startswith(prefix)]
     if slow:
       item.add_marker(pytest.mark.slow)
+    if path in SHARED_FIXTURE_MODULES:
+      item.add_marker(pytest.mark.xdist_group(os.path.basename(path)[:-3]))
     rank[item.nodeid] = slow[0] if slow else len(SLOW_MODULES)
   items.sort(key=lambda item: rank[item.nodeid])  # stable: file order within a rank
