@@ -7,12 +7,16 @@ all runs); a finished run is not trained again, so an interrupted ablation resum
 `<workdir>/ablation.md` gets a Markdown table (mean ± std over seeds of each output's metrics
 from eval_results.json, parameters, median step time) and `<workdir>/ablation.png` a plot of
 every output's main metric per fusion.
+
+`--combine LABEL=DIR,...` trains nothing: it tabulates and plots finished ablations together, as
+`<fusion> (<LABEL>)` rows (fusions each trained with their own recipe, or on other backbones).
 """
 
 import json
 import os
 import sys
 
+from cen_jax import compile_cache
 from cen_jax import host_memory
 
 if __name__ == '__main__':
@@ -32,6 +36,8 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
 flags.DEFINE_string('workdir', None, 'Where the runs, ablation.md and ablation.png go.')
 flags.DEFINE_list('fusions', ['cen', 'none'], 'Registered fusions to compare.')
 flags.DEFINE_integer('seeds', 1, 'Runs per fusion (config.seed + 0, 1, ...).')
+flags.DEFINE_list('combine', [], 'Instead of training: LABEL=DIR of finished ablations, '
+                  'tabulated and plotted together in --workdir as "<fusion> (<LABEL>)" rows.')
 
 class Interrupted(Exception):
   """A run stopped before its last step (SIGTERM): its checkpoint resumes it next time."""
@@ -135,7 +141,9 @@ def plot(rows: list, task, outputs: list, path: str) -> None:
           stds.append(np.std(values))
       ax.bar(xs, means, width, yerr=stds, capsize=3, label=output)
     ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
-    ax.set_xticklabels([r[0] for r in rows])
+    long = max(len(r[0]) for r in rows) > 12
+    ax.set_xticklabels([r[0] for r in rows], rotation=25 if long else 0,
+                       ha='right' if long else 'center')
     ax.set(ylabel=f'{label} ({"higher" if better else "lower"} is better)',
            title='fusions on one budget (mean ± std)')
     ax.legend(fontsize=7)
@@ -177,12 +185,38 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
       seconds.append(median_step_seconds(run_dir))
     rows.append((name, param_count(run_config(config, name, 0)),
                   float(np.median(seconds)) if seconds else float('nan'), results, num_diverged))
+  return report(rows, task, config, workdir, f'{len(fusion_names)} fusions x {seeds} seeds')
+
+
+def combine(config, workdir: str, pairs) -> list[str]:
+  """One table and plot from finished ablations (`LABEL=DIR`, each DIR an ablation's workdir),
+  e.g. each fusion trained with its own recipe: rows are `<fusion> (<LABEL>)`."""
+  from cen_jax import tasks
+  rows = []
+  for pair in pairs:
+    label, sep, folder = pair.partition('=')
+    if not sep or not label or not folder:
+      raise ValueError(f'--combine: expected LABEL=DIR, got {pair!r}')
+    path = os.path.join(folder, 'ablation.json')
+    if not os.path.exists(path):
+      raise ValueError(f'--combine: {path} not found (run that ablation first)')
+    with open(path) as f:
+      rows += [(f'{r["fusion"]} ({label})', r['params'], r['step_seconds'], r['results'],
+                r['diverged']) for r in json.load(f)]
+  os.makedirs(workdir, exist_ok=True)
+  return report(rows, tasks.get(config), config, workdir, f'{len(rows)} rows of '
+                f'{len(pairs)} ablations')
+
+
+def report(rows: list, task, config, workdir: str, what: str) -> list[str]:
+  """Writes ablation.md, ablation.json and ablation.png of `rows` in `workdir`."""
+  from cen_jax.run_log import write_json_atomic
   outputs = output_order(rows, task.output_names(config))
   lines = summarise(rows, task, outputs)
   first = next((r[3][0] for r in rows if r[3]), None)
   if first is None:
     raise ValueError(f'every run in {workdir} diverged: nothing to tabulate')
-  caption = (f'{len(fusion_names)} fusions x {seeds} seeds, {first["step"]} steps each, '
+  caption = (f'{what}, {first["step"]} steps each, '
              f'split {first["split"]!r}; mean ± std over the seeds that finished (seeds: '
              f'finished, and how many stopped at a non-finite loss); step time: median wall '
              f'seconds per training step (compilation excluded)')
@@ -206,8 +240,11 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   warnings.filterwarnings('ignore')
   host_memory.use_async_cpu_dispatch_of(FLAGS.config)  # as main.py does
+  compile_cache.use_compile_cache(FLAGS.config)
+  compile_cache.one_line_warnings()
   try:
-    lines = ablate(FLAGS.config, FLAGS.workdir, FLAGS.fusions, FLAGS.seeds)
+    lines = combine(FLAGS.config, FLAGS.workdir, FLAGS.combine) if FLAGS.combine else \
+        ablate(FLAGS.config, FLAGS.workdir, FLAGS.fusions, FLAGS.seeds)
   except Interrupted as e:
     print(e)
     return
