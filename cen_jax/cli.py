@@ -18,6 +18,7 @@ import os
 import sys
 import warnings
 
+from cen_jax import compile_cache
 from cen_jax import host_memory
 
 host_memory.keep_freed_host_memory()  # before JAX starts its threads
@@ -178,6 +179,8 @@ def main(argv):
   if FLAGS.config is None:
     fail('--config is required (e.g. --config configs/demo.py)')
   host_memory.use_async_cpu_dispatch_of(FLAGS.config)  # before the first computation
+  compile_cache.use_compile_cache(FLAGS.config)
+  compile_cache.one_line_warnings()
   try:
     run_mode(FLAGS.config, FLAGS.workdir)
   except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:

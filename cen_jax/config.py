@@ -45,6 +45,14 @@ def add_runner_keys(train: ml_collections.ConfigDict) -> None:
   train.cpu_async_dispatch = False
 
 
+def add_process_keys(config: ml_collections.ConfigDict) -> None:
+  """Keys of the process rather than the experiment: several processes, the compile cache."""
+  config.distributed = distributed_config()
+  # JAX's persistent compilation cache (cen_jax/compile_cache.py): 'default' ($JAX_COMPILATION_
+  # CACHE_DIR, else ~/.cache/cen_jax/xla), a folder, or '' (off).
+  config.compile_cache_dir = 'default'
+
+
 def distributed_config() -> ml_collections.ConfigDict:
   dist = ml_collections.ConfigDict()
   dist.initialize = False  # call jax.distributed.initialize (auto-detected on TPU/Slurm/MPI)
@@ -137,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.poly_power = 1.0
   add_runner_keys(t)
 
-  config.distributed = distributed_config()
+  add_process_keys(config)
   return config
 
 
@@ -199,7 +207,7 @@ def translation_config() -> ml_collections.ConfigDict:
   e.inception_weights = ''  # pytorch-fid InceptionV3 weights (.pth or converted .npz): FID/KID
   e.fid_8bit = True  # truncate the min-max stretched images to 8 bits, as the official's PNGs
 
-  config.distributed = distributed_config()
+  add_process_keys(config)
   return config
 
 

@@ -14,7 +14,7 @@ PACKAGE = os.path.join(ROOT, 'cen_jax')
 
 # Bottom to top (README "Layout"). A module may import its own layer or any layer below.
 LAYERS = [
-    ('primitives', ['io_utils', 'host_memory', 'winograd', 'branches', 'config', 'fusion',
+    ('primitives', ['io_utils', 'host_memory', 'compile_cache', 'winograd', 'branches', 'config', 'fusion',
                     'fusion.ops', 'fusion.registry', 'layers', 'metrics', 'viz', 'run_log',
                     'preprocess', 'transforms', 'image_files', 'torch_io', 'tokenfusion_io',
                     'expected']),

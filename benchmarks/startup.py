@@ -1,0 +1,115 @@
+"""Start-up time of main.py, cold (empty compilation cache) and warm (a second run of the same
+config and shapes, config.compile_cache_dir filled by the first).
+
+  .venv/bin/python benchmarks/startup.py [--config configs/demo.py] [--repeats 1]
+
+Every run is a fresh process (`python main.py ...`), timed from its start:
+- train: to the end of the first training step (the progress bar's first `1/N`), with
+  max_steps = 1;
+- eval: to the end of the process (`--mode eval` of that checkpoint on the eval split);
+- predict: to the end of the process (`--mode predict` of one RGB-D pair of PNGs: one batch).
+The dataset is prepared once before (not timed). Each mode gets its own empty cache folder for
+its cold run, then runs again on it; the table gives the medians over --repeats.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_STEP = re.compile(rb'\b1/\d+ \[')  # tqdm's "1/8 [" once the first step is done
+
+
+def timed_main(flags, *, until_first_step=False) -> float:
+  """Seconds from starting `python main.py flags` to its first step or to its exit."""
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *flags]
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+  first = []
+  out = []
+
+  def watch():  # the bar redraws with \r: read bytes as they come
+    seen = b''
+    while chunk := proc.stderr.read1(4096):
+      seen += chunk
+      if not first and FIRST_STEP.search(seen):
+        first.append(time.perf_counter() - start)
+    out.append(seen)
+
+  reader = threading.Thread(target=watch)
+  reader.start()
+  stdout = proc.stdout.read()
+  proc.wait()
+  reader.join()
+  if proc.returncode:
+    sys.exit(f'error: {" ".join(cmd)} exited {proc.returncode}:\n'
+             f'{stdout.decode()[-2000:]}{out[0].decode(errors="replace")[-2000:]}')
+  if until_first_step:
+    if not first:
+      sys.exit(f'error: no first step seen in the output of {" ".join(cmd)}')
+    return first[0]
+  return time.perf_counter() - start
+
+
+def write_pair(folder) -> list:
+  """One 64x64 RGB and depth PNG pair (smooth random content): predict's --inputs."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[0:64, 0:64]
+  rgb = np.stack([np.sin(xx / rng.uniform(4, 16) + c) * 100 + 128 for c in range(3)], 2)
+  depth = 100 + yy * 2 + rng.normal(0, 3, yy.shape)
+  paths = [os.path.join(folder, 'rgb.png'), os.path.join(folder, 'depth.png')]
+  Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(paths[0])
+  Image.fromarray(np.clip(depth, 0, 255).astype(np.uint8)).save(paths[1])
+  return paths
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/demo.py')
+  parser.add_argument('--repeats', type=int, default=1)
+  args = parser.parse_args()
+  with tempfile.TemporaryDirectory(prefix='cen_jax_startup_') as root:
+    data = [f'--config={args.config}', f'--config.data.data_dir={root}/tfds']
+    subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *data, '--mode=prepare'],
+                   cwd=ROOT, check=True, capture_output=True)
+    inputs = write_pair(root)
+    rows = []
+    for mode in ('train', 'eval', 'predict'):
+      cold, warm = [], []
+      for k in range(args.repeats):
+        cache = os.path.join(root, f'xla_{mode}_{k}')
+        workdir = os.path.join(root, f'run_{k}')
+        flags = [*data, f'--config.compile_cache_dir={cache}', f'--workdir={workdir}']
+        if mode == 'train':
+          flags += ['--config.train.max_steps=1']
+        else:
+          flags += [f'--mode={mode}']
+        if mode == 'predict':
+          flags += [f'--inputs={p}' for p in inputs] + [f'--output={root}/predicted']
+        for times in (cold, warm):
+          if mode == 'train':  # a finished workdir would not train again
+            subprocess.run(['rm', '-rf', workdir], check=True)
+          times.append(timed_main(flags, until_first_step=mode == 'train'))
+      rows.append((mode, statistics.median(cold), statistics.median(warm)))
+  what = {'train': 'start to first step', 'eval': 'start to exit (eval split)',
+          'predict': 'start to exit (one pair)'}
+  print(f'{args.config}, {args.repeats} run(s) each, medians:\n')
+  print('| mode | measured | cold (s) | warm (s) | cold / warm |')
+  print('|---|---|---|---|---|')
+  for mode, cold, warm in rows:
+    print(f'| {mode} | {what[mode]} | {cold:.1f} | {warm:.1f} | {cold / warm:.1f}x |')
+
+
+if __name__ == '__main__':
+  main()
