@@ -15,6 +15,7 @@ its cold run, then runs again on it; the table gives the medians over --repeats.
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def main():
           flags += [f'--inputs={p}' for p in inputs] + [f'--output={root}/predicted']
         for times in (cold, warm):
           if mode == 'train':  # a finished workdir would not train again
-            subprocess.run(['rm', '-rf', workdir], check=True)
+            shutil.rmtree(workdir, ignore_errors=True)
           times.append(timed_main(flags, until_first_step=mode == 'train'))
       rows.append((mode, statistics.median(cold), statistics.median(warm)))
   what = {'train': 'start to first step', 'eval': 'start to exit (eval split)',

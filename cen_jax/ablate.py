@@ -153,7 +153,6 @@ def plot(rows: list, task, outputs: list, path: str) -> None:
 def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
   from cen_jax import input_pipeline, tasks, train
   from cen_jax.fusion import registry
-  from cen_jax.run_log import write_json_atomic
   registry.load_user_module(config.model.get('fusion_module', ''))
   for name in fusion_names:
     registry.get(name)  # every name checked before anything trains
@@ -173,7 +172,7 @@ def ablate(config, workdir: str, fusion_names, seeds: int) -> list[str]:
           train.train_and_evaluate(cfg, run_dir)
         except train.NonFiniteError as e:  # a result of the fusion: recorded in the table
           print(f'ablate: {name} seed {seed} diverged: {e}', flush=True)
-          write_json_atomic(os.path.join(run_dir, DIVERGED_FILE), {'error': str(e)})
+          log_lib.write_json_atomic(os.path.join(run_dir, DIVERGED_FILE), {'error': str(e)})
       if diverged(run_dir):
         num_diverged += 1
         continue
@@ -210,7 +209,6 @@ def combine(config, workdir: str, pairs) -> list[str]:
 
 def report(rows: list, task, config, workdir: str, what: str) -> list[str]:
   """Writes ablation.md, ablation.json and ablation.png of `rows` in `workdir`."""
-  from cen_jax.run_log import write_json_atomic
   outputs = output_order(rows, task.output_names(config))
   lines = summarise(rows, task, outputs)
   first = next((r[3][0] for r in rows if r[3]), None)
@@ -223,7 +221,7 @@ def report(rows: list, task, config, workdir: str, what: str) -> list[str]:
   with open(os.path.join(workdir, 'ablation.md.tmp'), 'w') as f:
     f.write('\n'.join(lines + ['', caption, '']))
   os.replace(os.path.join(workdir, 'ablation.md.tmp'), os.path.join(workdir, 'ablation.md'))
-  write_json_atomic(os.path.join(workdir, 'ablation.json'),
+  log_lib.write_json_atomic(os.path.join(workdir, 'ablation.json'),
                     [{'fusion': r[0], 'params': r[1], 'step_seconds': r[2], 'results': r[3],
                       'diverged': r[4]} for r in rows])
   plot(rows, task, outputs, os.path.join(workdir, 'ablation.png'))
@@ -241,7 +239,6 @@ def main(argv):
   warnings.filterwarnings('ignore')
   host_memory.use_async_cpu_dispatch_of(FLAGS.config)  # as main.py does
   compile_cache.use_compile_cache(FLAGS.config)
-  compile_cache.one_line_warnings()
   try:
     lines = combine(FLAGS.config, FLAGS.workdir, FLAGS.combine) if FLAGS.combine else \
         ablate(FLAGS.config, FLAGS.workdir, FLAGS.fusions, FLAGS.seeds)

@@ -180,7 +180,6 @@ def main(argv):
     fail('--config is required (e.g. --config configs/demo.py)')
   host_memory.use_async_cpu_dispatch_of(FLAGS.config)  # before the first computation
   compile_cache.use_compile_cache(FLAGS.config)
-  compile_cache.one_line_warnings()
   try:
     run_mode(FLAGS.config, FLAGS.workdir)
   except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:

@@ -37,8 +37,7 @@ def writable(path: str) -> str:
   """'' when `path` is a folder this process can create and write to, else why not."""
   try:
     os.makedirs(path, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix='.probe-'):
-      pass
+    tempfile.NamedTemporaryFile(dir=path, prefix='.probe-').close()  # deleted on close
   except OSError as e:
     return e.strerror or type(e).__name__
   return ''
@@ -46,7 +45,8 @@ def writable(path: str) -> str:
 
 def use_compile_cache(config) -> str:
   """Point JAX's persistent cache at config.compile_cache_dir (before the first compile).
-  Returns the folder in use, '' when off or unusable (said in one line on stderr)."""
+  Returns the folder in use, '' when off or unusable (said in one line on stderr). Call it
+  after hiding other warnings: JAX's cache errors are then let through (`one_line_warnings`)."""
   import jax  # pylint: disable=g-import-not-at-top: after host_memory.keep_freed_host_memory
   path = cache_dir(config)
   problem = writable(path) if path else ''
@@ -56,6 +56,7 @@ def use_compile_cache(config) -> str:
     path = ''
   jax.config.update('jax_compilation_cache_dir', path or None)
   jax.config.update('jax_enable_compilation_cache', bool(path))
+  one_line_warnings()
   return path
 
 

@@ -20,7 +20,6 @@ import ml_collections
 from cen_jax import compile_cache
 warnings.filterwarnings('ignore')  # as main.py
 compile_cache.use_compile_cache(ml_collections.ConfigDict({'compile_cache_dir': sys.argv[1]}))
-compile_cache.one_line_warnings()
 import jax, jax.numpy as jnp
 hits = []
 jax.monitoring.register_event_listener(
