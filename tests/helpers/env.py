@@ -30,3 +30,25 @@ def child_env(num_devices: int = 1, drop: tuple = ()) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in drop}
   env['XLA_FLAGS'] = xla_flags(num_devices)
   return env
+
+
+def cache_from_every_process() -> None:
+  """Lets every process of a multi-process run write JAX's persistent compilation cache.
+
+  JAX writes it from process 0 only (jax/_src/compiler.py `_cache_write`), against write
+  contention on shared filesystems. On XLA:CPU the other processes' cache keys differ from
+  process 0's, so they compile everything again in every run, and the killed and resumed runs
+  of one test compile the same programs. Each process writes its own keys here, to a local
+  folder; a hit loads the executable that the same process compiled, so no figure changes."""
+  from jax._src import compiler, distributed
+  write = compiler._cache_write
+
+  def write_as_process_0(*args, **kwargs):
+    process_id = distributed.global_state.process_id
+    distributed.global_state.process_id = 0
+    try:
+      return write(*args, **kwargs)
+    finally:
+      distributed.global_state.process_id = process_id
+
+  compiler._cache_write = write_as_process_0

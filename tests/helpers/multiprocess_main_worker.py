@@ -17,6 +17,9 @@ builds_file = sys.argv.pop(1)
 from cen_jax import cli as main  # noqa: E402  (first: it sets up host memory before JAX starts)
 from absl import app  # noqa: E402
 from cen_jax import input_pipeline  # noqa: E402
+from tests.helpers.env import cache_from_every_process  # noqa: E402
+
+cache_from_every_process()
 
 _place = input_pipeline._place
 

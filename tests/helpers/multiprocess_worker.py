@@ -11,13 +11,15 @@ import sys
 port, process_id, num_processes, parallel, out = sys.argv[1:6]
 process_id, num_processes = int(process_id), int(num_processes)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.helpers.env import xla_flags  # noqa: E402
+from tests.helpers.env import cache_from_every_process, xla_flags  # noqa: E402
 
 os.environ['XLA_FLAGS'] = xla_flags(num_devices=4)
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+cache_from_every_process()
 
 jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
                            num_processes=num_processes, process_id=process_id)
