@@ -313,8 +313,8 @@ def asym_add_shift_and_shuffle(x, site: Site):
 
 
 def asym_shuffle_and_shift_once(x, site: Site):
-  """AsymFusion at a MiT stage end (cen-jax's own placement, docs/fusions.md): both ops in
-  one step, each branch gets the channel shuffle of x (its first S = 4 * (C // 5) channels,
+  """AsymFusion at a MiT stage end or after a U-Net encoder norm (cen-jax's own placement,
+  docs/fusions.md): both ops in one step, each branch gets the channel shuffle of x (its first S = 4 * (C // 5) channels,
   the other's last C - S) plus the other branch's pixel-shifted x (zero on the last C - S)."""
   del site
   if x.shape[0] == 1:
@@ -322,10 +322,20 @@ def asym_shuffle_and_shift_once(x, site: Site):
   return ops.channel_shuffle(x) + ops.pixel_shift(x)[::-1]
 
 
+ASYM_UNET_MAX_STRIDE = 32  # the deepest ResNet stage end the official AsymFusion acts at
+
+
 def asym_blocks(site: Site) -> bool:
   """Official AsymFusion: the last bottleneck of each stage, never a stage's first block;
-  on the MiT, every stage end."""
-  return site.point == 'stage_end' or (site.index >= 1 and site.last_in_stage)
+  on the MiT, every stage end. In the U-Net (cen-jax's own placement, docs/fusions.md) the
+  normed encoder levels of stride 4 to 32, the strides of the official's four ResNet stage ends:
+  encoder level `index` (conv{index + 1}) has stride 2^(index + 1). Deeper levels are 4x4 or
+  smaller at the official 256x256, where a one-pixel shift moves most features off the map."""
+  if site.point == 'stage_end':
+    return True
+  if site.point == 'norm':
+    return 2 ** (site.index + 1) <= ASYM_UNET_MAX_STRIDE
+  return site.index >= 1 and site.last_in_stage
 
 
 def token_fusion(x, site: Site):
@@ -347,7 +357,8 @@ register('cen', points=CEN_POINTS, penalty=partitioned_l1,
          description='CEN: exchange by |scale| < threshold, L1 on a disjoint partition')
 register('asymfusion', points={'act1': asym_shuffle_and_shift,
                                'act2': asym_add_shift_and_shuffle,
-                               'stage_end': asym_shuffle_and_shift_once},
+                               'stage_end': asym_shuffle_and_shift_once,
+                               'norm': asym_shuffle_and_shift_once},
          where=asym_blocks, max_branches=2,
          description='AsymFusion: channel shuffle + pixel shift, last block of each stage')
 register('cen_no_l1', points=CEN_POINTS,

@@ -162,11 +162,66 @@ def test_early_fusion_is_one_branch_on_concatenated_inputs():
 def test_translation_takes_only_norm_point_fusions():
   from cen_jax import models
   from tests.helpers.tiny import tiny_translation_config
-  for name in ('asymfusion', 'average', 'separate', 'early'):
+  for name in ('average', 'separate', 'early'):
     config = tiny_translation_config()
     config.model.fusion = name
     with pytest.raises(ValueError, match="translation needs a fusion of the shared network"):
       models.build_translation_models(config)
+
+
+def hand_asymfusion(x: np.ndarray) -> np.ndarray:
+  """AsymFusion's one-step form written out in numpy for 2 branches [2, N, H, W, C]: branch m
+  keeps its first S = 4 (C // 5) channels and takes the other's last C - S, plus the other
+  branch's channel group k moved one pixel along SHIFT_DIRECTIONS[k] (zero filled)."""
+  channels = x.shape[-1]
+  group, split = channels // 5, 4 * (channels // 5)
+  shuffled = np.concatenate([x[..., :split], x[::-1, ..., split:]], axis=-1)
+  shifted = np.zeros_like(x)
+  height, width = x.shape[2], x.shape[3]
+  for k, (dy, dx) in enumerate(ops.SHIFT_DIRECTIONS):
+    for i in range(height):
+      for j in range(width):
+        if 0 <= i + dy < height and 0 <= j + dx < width:
+          shifted[:, :, i, j, k * group:(k + 1) * group] = x[:, :, i + dy, j + dx,
+                                                             k * group:(k + 1) * group]
+  return shuffled + shifted[::-1]
+
+
+@pytest.mark.parametrize('num_downs, levels', [(5, ['conv2', 'conv3', 'conv4']),
+                                               (7, ['conv2', 'conv3', 'conv4', 'conv5'])])
+def test_asymfusion_in_the_unet_acts_after_the_encoder_norms_of_stride_4_to_32(num_downs,
+                                                                                levels):
+  """The placement by hand: a probe with asymfusion's own blocks and point function records
+  where it is called in a tiny pix2pix generator, and what it returns there."""
+  from cen_jax.models.pix2pix import Generator
+  asym = registry.get('asymfusion')
+  seen = {}
+
+  def probe(x, site):
+    out = asym.points['norm'](x, site)
+    seen[site.block] = (np.asarray(x), np.asarray(out))
+    return out
+
+  registry.register('asym_probe', points={'norm': probe}, where=asym.where, max_branches=2)
+  try:
+    size = 2 ** num_downs
+    x = jax.random.normal(jax.random.key(0), (2, 1, size, size, 3))
+    model = Generator(ngf=5, num_downs=num_downs, fusion='asym_probe')
+    model.init({'params': jax.random.key(1), 'dropout': jax.random.key(2)}, x, train=False,
+               deterministic=True)
+  finally:
+    del registry.REGISTRY['asym_probe']
+  assert sorted(seen) == levels  # normed levels are conv2..conv{num_downs - 1}
+  for block, (before, after) in seen.items():
+    np.testing.assert_allclose(after, hand_asymfusion(before), rtol=1e-6, atol=1e-6,
+                               err_msg=block)
+  # Translation accepts it (2 branches) and builds it.
+  from cen_jax import models
+  from tests.helpers.tiny import tiny_translation_config
+  config = tiny_translation_config()
+  config.model.fusion = 'asymfusion'
+  generator, _ = models.build_translation_models(config)
+  assert generator.fusion == 'asymfusion'
 
 
 def test_user_fusion_module_registers_and_trains_through_main(tmp_path):
