@@ -24,6 +24,21 @@ The official ImageNet MiT weights (pretrained/mit_bX.pth, `import_mit_imagenet`)
 encoder's names without 'encoder.', '.module' and '.ln_{m}': every branch's LayerNorm starts
 from the same one (official `expand_state_dict`); the score predictors keep their init and
 head.* is ignored.
+
+The official translation networks (image2image_translation: MixVisionTransformerGen / Dis,
+checkpoint-gen-*.pkl / checkpoint-dis-*.pkl, torch.save of the DataParallel state_dict) <-> Flax
+variables of `models.mit_translation.MiTGenerator` / `MiTDiscriminator`
+(`import_translation_generator`, ...; `translation_torch_keys` lists the map). No 'encoder.'
+prefix; the same leaves as above, and
+  {patch_embed_enc,block_enc,norm_enc,patch_embed_dec,block_dec,norm_dec}_{s}[_{i}]
+                               -> <that name>.{s}[.{i}]
+  score_predictor_{s}          -> score_predictor.{s}.score_nets.{m}.{j}   (as above)
+  Linear / Conv (shared, ModuleParallel), project included:  <module>.module.<leaf>
+  the depth-wise conv (DWConv.dwconv is a ModuleParallel):   mlp.dwconv.dwconv.module.<leaf>
+  LayerNorm [M, C] (LayerNormParallel):                     <module>.lrnorm_{m}.<leaf>
+      (norm, norm1, norm2, norm_enc.{s}, norm_dec.{k}; PatchUpsample's unused norm too)
+  alpha [M] (generator)                                     alpha
+e.g. block_enc_4_1/attn/kv/kernel <-> block_enc.4.1.attn.kv.module.weight (transposed).
 """
 
 import dataclasses
@@ -93,9 +108,10 @@ def _slot(collection, path, shape) -> Slot:
   return Slot(collection, tuple(path), kind, private, keys, tuple(shape))
 
 
-def slots(variables) -> list:
-  """Every leaf of `variables` ({'params', 'batch_stats'}) with its torch key(s)."""
-  return [_slot(collection, path, tuple(np.shape(leaf)))
+def slots(variables, slot=_slot) -> list:
+  """Every leaf of `variables` ({'params', 'batch_stats'}) with its torch key(s) (`slot`: the
+  segmenter's naming, or `_translation_slot`)."""
+  return [slot(collection, path, tuple(np.shape(leaf)))
           for collection in ('params', 'batch_stats') if collection in variables
           for path, leaf in flatten_tree(variables[collection])]
 
@@ -137,19 +153,19 @@ def _torch_shape(slot: Slot) -> tuple:
   return tuple(_to_torch(slot.kind, np.empty(inner, np.uint8)).shape)
 
 
-def _import(state_dict, variables, key_of, ignored) -> dict:
+def _import(state_dict, variables, key_of, ignored, slot=_slot) -> dict:
   """New variables with every slot read from `state_dict` under key_of(torch key); checks that
   every checkpoint key is used (except `ignored(key)`) and every shape fits."""
   names = strip_dp_prefix(state_dict)
   wanted = {}
-  for s in slots(variables):
+  for s in slots(variables, slot):
     for key in s.keys:
       wanted.setdefault(key_of(key), []).append((s, key))
   for bare, key in names.items():
     if bare not in wanted and not ignored(bare):
       raise CheckpointError(f'checkpoint key {key!r} is not in the model')
   out = {c: _copy_tree(tree) for c, tree in variables.items()}
-  for s in slots(variables):
+  for s in slots(variables, slot):
     arrays = []
     for key in s.keys:
       source = key_of(key)
@@ -204,8 +220,12 @@ def _drop_predictors(params) -> dict:
 def export_tokenfusion(variables, prefix: str = DP_PREFIX) -> dict:
   """{prefix + torch key: np.ndarray} of the whole model (prefix 'module.': the official
   DataParallel checkpoints), num_batches_tracked written as int64 0 after each running_var."""
+  return _export(variables, prefix, _slot)
+
+
+def _export(variables, prefix, slot) -> dict:
   out = {}
-  for s in slots(variables):
+  for s in slots(variables, slot):
     leaf = np.asarray(_get(variables[s.collection], s.path))
     arrays = list(leaf) if s.private else [leaf]
     for key, array in zip(s.keys, arrays):
@@ -225,3 +245,89 @@ def _get(tree, path):
   for key in path:
     tree = tree[key]
   return tree
+
+
+# ----------------------------------------------------------------------------- translation
+
+TRANSLATION_LIST = re.compile(
+    r'(patch_embed_enc|patch_embed_dec|block_enc|block_dec|norm_enc|norm_dec)_(\d+)(?:_(\d+))?')
+TRANSLATION_PRIVATE_NORM = re.compile(r'norm\d?|norm_(enc|dec)_\d+')
+
+
+def translation_module_name(path) -> str:
+  """Flax module path of MiTGenerator / MiTDiscriminator -> official torch module path."""
+  parts = []
+  for name in path:
+    listed = TRANSLATION_LIST.fullmatch(name)
+    predictor = re.fullmatch(r'score_predictor_(\d+)', name)
+    if listed:
+      parts += [index for index in listed.groups() if index is not None]
+    elif predictor:
+      parts += ['score_predictor', predictor[1], 'score_nets']
+    else:
+      parts.append(name)
+  return '.'.join(parts)
+
+
+def _translation_slot(collection, path, shape) -> Slot:
+  *module, leaf = path
+  if path == ('alpha',):
+    return Slot(collection, path, 'plain', False, ('alpha',), shape)
+  if collection != 'params' or leaf not in LEAVES or not module:
+    raise CheckpointError(f'no PyTorch name for model variable {collection}/{"/".join(path)}')
+  name, torch_leaf = translation_module_name(module), LEAVES[leaf]
+  predictor = module[0].startswith('score_predictor_')
+  private = predictor or TRANSLATION_PRIVATE_NORM.fullmatch(module[-1]) is not None
+  rank = len(shape) - private
+  kind = 'plain' if leaf != 'kernel' else ('conv' if rank == 4 else 'dense')
+  if predictor:
+    prefix = translation_module_name(module[:1])
+    keys = tuple(f'{prefix}.{m}.{PREDICTOR_LAYERS[module[1]]}.{torch_leaf}'
+                 for m in range(shape[0]))
+  elif private:
+    keys = tuple(f'{name}.lrnorm_{m}.{torch_leaf}' for m in range(shape[0]))
+  elif module[-1] == 'dwconv':  # DWConv.dwconv = ModuleParallel(Conv2d)
+    keys = (f'{name}.dwconv.module.{torch_leaf}',)
+  else:
+    keys = (f'{name}.module.{torch_leaf}',)
+  return Slot(collection, tuple(path), kind, private, keys, tuple(shape))
+
+
+def translation_torch_keys(variables) -> dict:
+  """{Flax 'params/path': (torch key, ...)} of every leaf of a MiTGenerator / MiTDiscriminator."""
+  return {'/'.join((s.collection,) + s.path): s.keys
+          for s in slots(variables, _translation_slot)}
+
+
+def import_translation(state_dict, variables) -> dict:
+  """An official translation generator or discriminator state_dict (with or without
+  'module.') into `variables` ({'params'}; arrays or ShapeDtypeStructs). Every model leaf must
+  be found, every checkpoint key used, every shape fit (one-line CheckpointError naming the
+  key otherwise)."""
+  return _import(state_dict, variables, lambda key: key, lambda key: False, _translation_slot)
+
+
+def export_translation(variables, prefix: str = DP_PREFIX) -> dict:
+  """{prefix + torch key: np.ndarray} of a MiTGenerator / MiTDiscriminator (prefix 'module.':
+  what the official main.py saves, torch.save(G.state_dict()) of nn.DataParallel)."""
+  return _export(variables, prefix, _translation_slot)
+
+
+def import_translation_generator(state_dict, variables) -> dict:
+  """Official checkpoint-gen-*.pkl state_dict -> MiTGenerator variables (`import_translation`)."""
+  return import_translation(state_dict, variables)
+
+
+def export_translation_generator(variables, prefix: str = DP_PREFIX) -> dict:
+  """MiTGenerator variables -> the official checkpoint-gen-*.pkl state_dict."""
+  return export_translation(variables, prefix)
+
+
+def import_translation_discriminator(state_dict, variables) -> dict:
+  """Official checkpoint-dis-*.pkl state_dict -> MiTDiscriminator variables."""
+  return import_translation(state_dict, variables)
+
+
+def export_translation_discriminator(variables, prefix: str = DP_PREFIX) -> dict:
+  """MiTDiscriminator variables -> the official checkpoint-dis-*.pkl state_dict."""
+  return export_translation(variables, prefix)

@@ -27,6 +27,9 @@ Points (where `apply_point` is called):
   'norm2' (after the private LayerNorm norm2, before the Mix-FFN; `Site.scale` is its [M, C]
   scale); per stage: 'stage_end' (after the stage's final private LayerNorm norm{s}, so the
   decoder and the next stage both see it; `Site.block` is 'norm{s}', `Site.scale` its scale).
+  The MiT translation generator (cen_jax/models/mit_translation.py) has the same points in
+  its ENCODER only (blocks `block_enc_{s}_{i}`, stage ends `norm_enc_{s}`); there only the
+  last block of each stage has scores, the others get `Site.scores` None.
 
 `Site` carries what a fusion may read there: the block's name and place in its stage, the
 scale [M, C] of the private norm just applied (at 'bn1', 'bn2', 'norm'), `threshold`, the
@@ -340,8 +343,13 @@ def asym_blocks(site: Site) -> bool:
 
 def token_fusion(x, site: Site):
   """TokenFusion, after the attention's proj: scale every token by its score, then exchange
-  the tokens scored under the threshold (official 0.02)."""
+  the tokens scored under the threshold (official 0.02). A block without scores
+  (`site.scores` None) passes x unchanged: the official translation generator
+  (cen_jax/models/mit_translation.py) scores only the last block of each encoder stage and
+  runs the others with mask=None."""
   scores = site.scores
+  if scores is None:
+    return x
   return ops.token_exchange(x * scores[..., None].astype(x.dtype), scores, site.threshold)
 
 
