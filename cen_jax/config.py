@@ -167,6 +167,16 @@ def translation_config() -> ml_collections.ConfigDict:
   config.model = m = ml_collections.ConfigDict()
   m.fusion = 'cen'  # a registered fusion with a U-Net 'norm' point, or 'none'
   add_fusion_keys(m)
+  # 'unet' (CEN's pix2pix U-Net and PatchGAN) | 'mit_b0'..'mit_b5' (TokenFusion's Mix
+  # Transformer generator gen_bX and discriminator dis_bX; threshold 0.02, drop_path_rate 0.1)
+  m.backbone = 'unet'
+  m.drop_path_rate = 0.1  # MiT: stochastic depth of G and D, rising linearly over the blocks
+  # MiT: per stage widths (heads 1, 2, 4, 8, 16 must divide them, and 4 each for the pixel
+  # shuffle), blocks and attention spatial reduction (16, 8, 4, 2, 1), overriding the
+  # backbone's; () = the official ones. For small test and demo networks.
+  m.mit_embed_dims = ()
+  m.mit_depths = ()
+  m.mit_sr_ratios = ()
   m.ngf = 64  # generator width
   m.ndf = 64  # discriminator width
   m.num_downs = 0  # U-Net levels; 0: log2(config.data.crop_size) (8 at 256x256, as official)
@@ -201,6 +211,9 @@ def translation_config() -> ml_collections.ConfigDict:
   t.beta2 = 0.999
   t.l1_weight = 100.0  # official 'gama': weight of the pixel L1 of every output
   t.l1_lambda = 1e-3  # sparsity weight on the partitioned InstanceNorm scales (counted once)
+  # TokenFusion's recipe: Adam's learning rates are lr_g and lr_d times the global batch size
+  # (its main.py); CEN's are not scaled (False).
+  t.lr_times_batch = False
   add_runner_keys(t)
 
   config.eval = e = ml_collections.ConfigDict()
@@ -228,6 +241,7 @@ def dense_config(branches=('rgb>semseg', 'rgb>depth', 'rgb>normals')) -> ml_coll
 
 MIT_BACKBONES = tuple(f'mit_b{i}' for i in range(6))
 BACKBONES = ('resnet',) + MIT_BACKBONES
+TRANSLATION_BACKBONES = ('unet',) + MIT_BACKBONES
 
 
 def backbone_family(model_config) -> str:
@@ -236,6 +250,15 @@ def backbone_family(model_config) -> str:
   if backbone not in BACKBONES:
     raise ValueError(f'config.model.backbone={backbone!r}: expected one of {", ".join(BACKBONES)}')
   return 'mit' if backbone in MIT_BACKBONES else 'resnet'
+
+
+def translation_family(model_config) -> str:
+  """'unet' or 'mit' for a translation config.model.backbone (one-line error otherwise)."""
+  backbone = model_config.get('backbone', 'unet')
+  if backbone not in TRANSLATION_BACKBONES:
+    raise ValueError(f'config.model.backbone={backbone!r}: translation expects one of '
+                     f'{", ".join(TRANSLATION_BACKBONES)}')
+  return 'mit' if backbone in MIT_BACKBONES else 'unet'
 
 
 def resnet_blocks(model_config) -> tuple:

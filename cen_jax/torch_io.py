@@ -79,6 +79,15 @@ def load_state_dict(path) -> dict:
   return _unwrap(obj, path)
 
 
+def read_into(path: str, read, variables) -> dict:
+  """read(state_dict of the file at `path`, variables), its errors naming the file."""
+  try:
+    return read(load_state_dict(path), variables)
+  except CheckpointError as e:
+    message = str(e)
+    raise CheckpointError(message if message.startswith(path) else f'{path}: {message}') from None
+
+
 def convert_pth_to_npz(src, dst) -> None:
   """Converts a PyTorch checkpoint to .npz once, so training can start from it without torch."""
   state_dict = load_state_dict(src)

@@ -30,9 +30,11 @@ SLOW_MODULES = (
     'tests/unit/test_train_step.py', 'tests/unit/test_fid.py', 'tests/unit/test_dense.py',
     'tests/unit/test_translation_step.py', 'tests/unit/test_fusion_registry.py',
     'tests/e2e/test_wheel.py', 'tests/e2e/test_translation_end_to_end.py',
-    'tests/unit/test_checkpoints.py', 'tests/unit/test_mit_segmentation.py', 'tests/e2e/',
+    'tests/unit/test_checkpoints.py', 'tests/unit/test_mit_segmentation.py',
+    'tests/unit/test_mit_translation.py', 'tests/e2e/',
     # the parity suite (a run of its own, .venv-torch)
     'tests/parity/test_torch_io.py', 'tests/parity/test_mit_torch.py',
+    'tests/parity/test_mit_translation_torch.py',
     'tests/parity/test_gan_two_steps.py', 'tests/parity/test_translation_interop.py',
     'tests/parity/test_pix2pix.py', 'tests/parity/test_fid_torch.py')
 
@@ -41,7 +43,8 @@ SLOW_MODULES = (
 # fixture is built once rather than once on each worker.
 SHARED_FIXTURE_MODULES = (
     'tests/e2e/test_end_to_end.py', 'tests/e2e/test_translation_end_to_end.py',
-    'tests/e2e/test_mit_end_to_end.py', 'tests/e2e/test_wheel.py',
+    'tests/e2e/test_mit_end_to_end.py', 'tests/e2e/test_mit_translation_end_to_end.py',
+    'tests/e2e/test_wheel.py',
     'tests/e2e/test_prepare_swap.py', 'tests/unit/test_fid.py')
 
 

@@ -219,10 +219,15 @@ def check_backbone(fusion: Fusion, backbone: str, family: str, num_branches: int
                      f'{num_branches} branch(es), expected at least 2')
 
 
-def check_translation(fusion: Fusion, num_branches: int) -> None:
-  """The translation generator offers the point 'norm' of a shared U-Net."""
+def check_translation(fusion: Fusion, num_branches: int, backbone: str = 'unet') -> None:
+  """The translation generator offers the point 'norm' of a shared U-Net, or (backbone
+  'mit_b0'..'mit_b5') the MiT points of its encoder."""
+  if backbone != 'unet':
+    check_backbone(fusion, backbone, 'mit', num_branches)
+    return
   check_branches(fusion, num_branches)
-  if fusion.network != 'shared' or (fusion.points and 'norm' not in fusion.points):
+  if (fusion.network != 'shared' or (fusion.points and 'norm' not in fusion.points)
+      or fusion.token_scores):
     raise ValueError(f'config.model.fusion={fusion.name!r}: translation needs a fusion of the '
                      f"shared network with a 'norm' point (or none); this one has "
                      f'network={fusion.network!r}, points={sorted(fusion.points)}')
@@ -234,6 +239,18 @@ def penalty(fusion: Fusion, scales_list, options) -> jax.Array:
   if fusion.penalty is None:
     return jnp.zeros((), jnp.float32)
   return jnp.asarray(fusion.penalty(scales_list, options), jnp.float32)
+
+
+def device_penalty(fusion: Fusion, norm_scales, token_scores, options,
+                   num_devices) -> tuple[jax.Array, Any]:
+  """(the fusion's penalty as one device computes it, what that device divides it by).
+
+  Norm scales are replicated, so every device computes the whole penalty and takes 1/D of it;
+  token scores (TokenFusion) cover this device's examples, so their sum over the devices is
+  the official sum over the global batch and each device takes all of its own."""
+  if fusion.penalty_input == 'token_scores':
+    return penalty(fusion, token_scores, options), 1
+  return penalty(fusion, norm_scales, options), num_devices
 
 
 # ----------------------------------------------------------------------------- penalties
@@ -317,8 +334,9 @@ def asym_add_shift_and_shuffle(x, site: Site):
 
 def asym_shuffle_and_shift_once(x, site: Site):
   """AsymFusion at a MiT stage end or after a U-Net encoder norm (cen-jax's own placement,
-  docs/fusions.md): both ops in one step, each branch gets the channel shuffle of x (its first S = 4 * (C // 5) channels,
-  the other's last C - S) plus the other branch's pixel-shifted x (zero on the last C - S)."""
+  docs/fusions.md): both ops in one step, each branch gets the channel shuffle of x (its
+  first S = 4 * (C // 5) channels, the other's last C - S) plus the other branch's
+  pixel-shifted x (zero on the last C - S)."""
   del site
   if x.shape[0] == 1:
     return x

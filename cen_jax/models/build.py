@@ -8,6 +8,7 @@ import ml_collections
 from cen_jax import branches as branches_lib
 from cen_jax import config as config_lib
 from cen_jax.fusion import registry
+from cen_jax.models import mit_translation
 from cen_jax.models.pix2pix import Discriminator, Generator
 from cen_jax.models.refinenet import SeparateBranches, Segmenter
 from cen_jax.models.segformer import TokenFusionSegmenter
@@ -77,14 +78,19 @@ def translation_num_downs(config: ml_collections.ConfigDict) -> int:
   return num_downs
 
 
-def build_translation_models(config: ml_collections.ConfigDict, *,
-                             axis_name=None) -> tuple[Generator, Discriminator]:
-  """(Generator, Discriminator) of the official CEN translation recipe (translation_config)."""
+def build_translation_models(config: ml_collections.ConfigDict, *, axis_name=None):
+  """(generator, discriminator): CEN's pix2pix U-Net and PatchGAN (config.model.backbone
+  'unet', the official CEN recipe), or TokenFusion's Mix Transformer gen_bX and dis_bX
+  ('mit_b0'..'mit_b5')."""
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r}: expected one of {sorted(DTYPES)}')
-  registry.check_translation(registry.get(m.fusion), len(config.modalities))
+  family = config_lib.translation_family(m)
+  registry.check_translation(registry.get(m.fusion), len(config.modalities),
+                             m.get('backbone', 'unet'))
   dtype = DTYPES[m.dtype]
+  if family == 'mit':
+    return build_mit_translation_models(config, dtype)
   generator = Generator(
       ngf=m.ngf, num_downs=translation_num_downs(config), fusion=m.fusion,
       threshold=m.threshold, dropout=m.dropout, in_momentum=m.in_momentum, in_eps=m.in_eps,
@@ -92,3 +98,22 @@ def build_translation_models(config: ml_collections.ConfigDict, *,
   discriminator = Discriminator(ndf=m.ndf, in_momentum=m.in_momentum, in_eps=m.in_eps,
                                 axis_name=axis_name, dtype=dtype)
   return generator, discriminator
+
+
+def mit_overrides(m) -> dict:
+  """The MiT arch fields a config overrides (config.model.mit_*; () keeps the official)."""
+  fields = dict(embed_dims=m.mit_embed_dims, depths=m.mit_depths, sr_ratios=m.mit_sr_ratios)
+  return {k: tuple(v) for k, v in fields.items() if v}
+
+
+def build_mit_translation_models(config, dtype):
+  """TokenFusion's gen_bX / dis_bX for config.model.backbone 'mit_bX'."""
+  m = config.model
+  if config.data.crop_size % 32:
+    raise ValueError(f'config.data.crop_size={config.data.crop_size}: the MiT generator '
+                     f'needs a multiple of 32 (five stride-2 patch embeddings)')
+  arch = m.backbone[len('mit_'):]
+  common = dict(mit_overrides(m), drop_path_rate=m.drop_path_rate, dtype=dtype)
+  generator = mit_translation.mit_generator(arch, fusion=m.fusion, threshold=m.threshold,
+                                            fusion_options=fusion_options(config), **common)
+  return generator, mit_translation.mit_discriminator(arch, **common)

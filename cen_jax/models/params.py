@@ -9,8 +9,10 @@ import jax
 # bottleneck, norm2 of each MiT block (the scales a fusion's penalty and the threshold
 # statistics read).
 EXCHANGE_SCALE_PATH = re.compile(r'^encoder/(layer\d+_\d+/bn2|block\d+_\d+/norm2)/scale$')
-# Translation: every encoder InstanceNorm scale, conv1..convN (the official slim list).
+# Translation: every encoder InstanceNorm scale, conv1..convN (the official slim list); in the
+# MiT generator, norm2 of every encoder block (where 'cen' exchanges).
 TRANSLATION_SCALE_PATH = re.compile(r'^conv(\d+)/insnorm_conv/scale$')
+MIT_TRANSLATION_SCALE_PATH = re.compile(r'^block_enc_(\d+)_(\d+)/norm2/scale$')
 SEPARATE_ENCODER_PATH = re.compile(r'^branch\d+/encoder/')  # fusion 'separate'
 
 
@@ -23,11 +25,17 @@ def translation_exchange_scales(g_params) -> list:
 
 
 def named_translation_exchange_scales(g_params) -> list:
-  """[('convK', [M, C] encoder InstanceNorm scale)], K = 1..N."""
-  flat = jax.tree_util.tree_flatten_with_path(g_params)[0]
+  """[('convK', [M, C] encoder InstanceNorm scale)], K = 1..N; for the MiT generator
+  [('block_enc_S_I', [M, C] norm2 scale)] of every encoder block, in network order."""
+  flat = [(path_str(path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(g_params)[0]]
   found = [(int(match[1]), leaf) for path, leaf in flat
-           if (match := TRANSLATION_SCALE_PATH.match(path_str(path)))]
-  return [(f'conv{k}', leaf) for k, leaf in sorted(found, key=lambda item: item[0])]
+           if (match := TRANSLATION_SCALE_PATH.match(path))]
+  if found:
+    return [(f'conv{k}', leaf) for k, leaf in sorted(found, key=lambda item: item[0])]
+  blocks = [((int(match[1]), int(match[2])), leaf) for path, leaf in flat
+            if (match := MIT_TRANSLATION_SCALE_PATH.match(path))]
+  return [(f'block_enc_{s}_{i}', leaf) for (s, i), leaf in sorted(blocks, key=lambda b: b[0])]
 
 
 def path_str(path) -> str:

@@ -205,7 +205,9 @@ class Discriminator(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, y: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, y: jax.Array, *, train: bool,
+               deterministic: bool = True) -> jax.Array:
+    del deterministic  # the PatchGAN has no dropout (the MiT discriminator's interface)
     if y.ndim == x.ndim - 1:
       y = jnp.broadcast_to(y, (x.shape[0],) + y.shape)
     if x.ndim != 5 or x.shape[:-1] != y.shape[:-1]:

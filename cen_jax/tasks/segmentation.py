@@ -81,16 +81,6 @@ def is_mit(config) -> bool:
   return config_lib.backbone_family(config.model) == 'mit'
 
 
-def read_into(path: str, read, variables) -> dict:
-  """read(state_dict of the file at `path`, variables), its errors naming the file."""
-  try:
-    return read(torch_io.load_state_dict(path), variables)
-  except torch_io.CheckpointError as e:
-    message = str(e)
-    raise torch_io.CheckpointError(message if message.startswith(path) else
-                                   f'{path}: {message}') from None
-
-
 def initial_state_variables(config, model, rng):
   """Random init, with the encoder from ImageNet weights when init_from is set: a torchvision
   ResNet, or the official SegFormer mit_bX.pth for a MiT (every branch's norms alike)."""
@@ -98,7 +88,7 @@ def initial_state_variables(config, model, rng):
   if config.model.init_from:
     read = tokenfusion_io.import_mit_imagenet if is_mit(config) else \
         torch_io.import_torchvision_resnet
-    variables = read_into(config.model.init_from, read, jax.device_get(variables))
+    variables = torch_io.read_into(config.model.init_from, read, jax.device_get(variables))
   return variables
 
 
@@ -322,7 +312,8 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
     ce_sums, _ = cross_entropy_sums(stacked_logits(outputs), batch['mask'],
                                     config.data.ignore_label)
     ce = ce_sums / count  # this device's share of each output's global mean
-    l1, share = penalty_terms(fusion_, params, outputs, options, num_devices)
+    l1, share = registry.device_penalty(fusion_, exchange_scales(params), outputs.get('masks'),
+                                        options, num_devices)
     total = jnp.sum(ce) + l1_weight * l1 / share
     return total, (ce, l1, outputs, batch_stats)
 
@@ -354,17 +345,6 @@ def train_step(state: TrainState, batch, *, model, config, starts, tx):
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, scalars
-
-
-def penalty_terms(fusion_, params, outputs, options, num_devices):
-  """(the fusion's penalty as this device computes it, what this device divides it by).
-
-  Norm scales are replicated, so every device computes the whole penalty and takes 1/D of it;
-  token scores (TokenFusion) cover this device's examples, so their sum over the devices is
-  the official sum over the global batch and each device takes all of its own."""
-  if fusion_.penalty_input == 'token_scores':
-    return registry.penalty(fusion_, outputs['masks'], options), 1
-  return registry.penalty(fusion_, exchange_scales(params), options), num_devices
 
 
 def make_train_step(config, model, starts):
@@ -518,7 +498,7 @@ def import_torch_variables(config, model, path: str) -> dict:
   an official TokenFusion one (.pth, or .npz of the same state_dict)."""
   variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
   if is_mit(config):
-    return read_into(path, tokenfusion_io.import_tokenfusion, variables)
+    return torch_io.read_into(path, tokenfusion_io.import_tokenfusion, variables)
   return torch_io.import_cen_checkpoint(torch_io.load_state_dict(path), variables)
 
 

@@ -42,12 +42,14 @@ import numpy as np
 import optax
 
 from cen_jax import branches as branches_lib
+from cen_jax import config as config_lib
 from cen_jax import fid
 from cen_jax import image_files
 from cen_jax import input_pipeline
 from cen_jax import metrics as metrics_lib
 from cen_jax import models
 from cen_jax import runtime
+from cen_jax import tokenfusion_io
 from cen_jax import torch_io
 from cen_jax import viz
 from cen_jax.fusion import ops
@@ -71,7 +73,8 @@ NETS = ('generator', 'discriminator')
 # ----------------------------------------------------------------------------- config, model
 
 def check_config(config):
-  registry.check_translation(registry.get(config.model.fusion), len(branches_lib.inputs(config)))
+  registry.check_translation(registry.get(config.model.fusion), len(branches_lib.inputs(config)),
+                             config.model.get('backbone', 'unet'))
   if config.get('branches', ()):
     branches_lib.check_inputs(config)
     for b in branches_lib.of_config(config):
@@ -106,7 +109,7 @@ def init_variables(config, model: Models, rng):
   def init(rng_g, rng_d):
     g = model.generator.init({'params': rng_g, 'dropout': rng_g}, x, train=False,
                              deterministic=True)
-    d = model.discriminator.init({'params': rng_d}, x, x, train=False)
+    d = model.discriminator.init({'params': rng_d}, x, x, train=False, deterministic=True)
     return {'params': {'generator': g['params'], 'discriminator': d['params']},
             'batch_stats': {'generator': g.get('batch_stats', {}),
                             'discriminator': d.get('batch_stats', {})}}
@@ -160,12 +163,21 @@ def torch_adam(lr: float, b1: float, b2: float, eps: float = 1e-8) -> optax.Grad
   return optax.chain(scale_by_torch_adam(b1, b2, eps), optax.scale_by_learning_rate(lr))
 
 
+def learning_rates(config) -> tuple[float, float]:
+  """(G's, D's) Adam learning rate: lr_g and lr_d, times the global batch size with
+  config.train.lr_times_batch (TokenFusion's main.py; CEN's does not scale them)."""
+  t = config.train
+  scale = t.batch_size if t.get('lr_times_batch', False) else 1
+  return t.lr_g * scale, t.lr_d * scale
+
+
 def optimizers(config) -> dict:
   """Adam for G and for D (torch.optim.Adam defaults otherwise: eps 1e-8, no weight decay),
   with torch's bias corrections (`scale_by_torch_adam`)."""
   t = config.train
-  return {'generator': torch_adam(t.lr_g, t.beta1, t.beta2),
-          'discriminator': torch_adam(t.lr_d, t.beta1, t.beta2)}
+  lr_g, lr_d = learning_rates(config)
+  return {'generator': torch_adam(lr_g, t.beta1, t.beta2),
+          'discriminator': torch_adam(lr_d, t.beta1, t.beta2)}
 
 
 def reset_optimizer(config, params):
@@ -255,6 +267,8 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), state.step),
                            jax.lax.axis_index(AXIS))
   rng_d, rng_g = jax.random.split(rng)
+  # D's own stochastic depth (the MiT discriminator): one key per D call of the step.
+  d_keys = iter(jax.random.split(jax.random.fold_in(rng, 1), 3))
   num_devices = jax.lax.psum(1, AXIS)
   global_n = jax.lax.psum(x.shape[1], AXIS)
   targets = output_targets(y, x.shape[0])  # the D pairs' real images, per branch
@@ -269,6 +283,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
 
   def discriminate(params, stats, images):
     logits, new = D.apply({'params': params, 'batch_stats': stats}, x, images, train=True,
+                          deterministic=False, rngs={'dropout': next(d_keys)},
                           mutable=['batch_stats'])
     return logits, new['batch_stats']
 
@@ -305,15 +320,18 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
     outputs = stacked_outputs(out, ensemble).astype(jnp.float32)
     diff = jnp.abs(outputs - output_targets(y, outputs.shape[0]).astype(jnp.float32))
     pixel_l1 = jnp.sum(diff, axis=tuple(range(1, diff.ndim))) / pixels  # [M + 1]
-    slim = (registry.penalty(fusion_, exchange_scales(params), options) if use_slim
-            else jnp.zeros(()))
+    slim, share = (registry.device_penalty(fusion_, exchange_scales(params), out.get('masks'),
+                                           options, num_devices) if use_slim
+                   else (jnp.zeros(()), 1))
     total = (jnp.sum(adversarial) + t.l1_weight * jnp.sum(pixel_l1)
-             + t.l1_lambda * slim / num_devices)
-    return total, (adversarial, pixel_l1, slim, stats, new_d_stats, out['alpha'])
+             + t.l1_lambda * slim / share)
+    return total, (adversarial, pixel_l1, slim, stats, new_d_stats, out)
 
   g_params = state.params['generator']
   g_grads, aux = jax.grad(g_objective, has_aux=True)(g_params)
-  adversarial, pixel_l1, slim, g_stats, d_stats, alpha = aux
+  adversarial, pixel_l1, slim, g_stats, d_stats, out = aux
+  if use_slim and fusion_.penalty_input == 'token_scores':
+    slim = jax.lax.psum(slim, AXIS)  # this device's examples' scores -> the global batch's
   g_grads = sum_over_devices(g_grads)
   g_updates, g_opt = tx['generator'].update(g_grads, state.opt_state['generator'], g_params)
   g_params = optax.apply_updates(g_params, g_updates)
@@ -330,11 +348,16 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
                            + t.l1_lambda * slim)  # the generator's objective, as logged
   if ensemble:
     for m, name in enumerate(models.branch_names(config)):
-      scalars[f'alpha/{name}'] = alpha[m]
+      scalars[f'alpha/{name}'] = out['alpha'][m]
   if fusion_.monitor_scales:
     below = ops.fraction_below_threshold(exchange_scales(g_params), config.model.threshold)
     for m, name in enumerate(models.branch_names(config)):
       scalars[f'scales_below_threshold/{name}'] = below[m]
+  if fusion_.token_scores:  # equal shards: the mean over devices is the global batch's
+    below = jax.lax.psum(ops.fraction_of_tokens_below(out['masks'], config.model.threshold),
+                         AXIS) / num_devices
+    for m, name in enumerate(models.branch_names(config)):
+      scalars[f'tokens_below_threshold/{name}'] = below[m]
   new_state = TrainState(
       step=state.step + 1,
       params={'generator': g_params, 'discriminator': d_params},
@@ -602,8 +625,13 @@ def summary(config) -> list[str]:
   cost = forward.lower(g_vars, x).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   size = config.data.crop_size
-  return [f'model: {config.model.fusion} pix2pix generator ngf {config.model.ngf}, '
-          f'discriminator ndf {config.model.ndf}, branches '
+  if is_mit(config):
+    arch = config.model.backbone[len('mit_'):]
+    networks = f'MiT generator gen_{arch}, discriminator dis_{arch}'
+  else:
+    networks = (f'pix2pix generator ngf {config.model.ngf}, discriminator ndf '
+                f'{config.model.ndf}')
+  return [f'model: {config.model.fusion} {networks}, branches '
           f'{[b.name for b in branches_lib.of_config(config)]}, input {size}x{size}',
           f'params: {models.count_params(variables["params"]["generator"])}',
           f'discriminator params: {models.count_params(variables["params"]["discriminator"])}',
@@ -614,27 +642,45 @@ def _network_variables(variables, net: str) -> dict:
   return {'params': variables['params'][net], 'batch_stats': variables['batch_stats'][net]}
 
 
+def is_mit(config) -> bool:
+  return config_lib.translation_family(config.model) == 'mit'
+
+
+# (import, export) of each network's official state_dict: CEN's pix2pix (torch_io) or
+# TokenFusion's MiT translation networks (tokenfusion_io).
+CHECKPOINT_FORMATS = {
+    'unet': {'generator': (torch_io.import_generator, torch_io.export_generator),
+             'discriminator': (torch_io.import_discriminator, torch_io.export_discriminator)},
+    'mit': {'generator': (tokenfusion_io.import_translation_generator,
+                          tokenfusion_io.export_translation_generator),
+            'discriminator': (tokenfusion_io.import_translation_discriminator,
+                              tokenfusion_io.export_translation_discriminator)},
+}
+
+
 def import_torch_variables(config, model, generator_path: str,
                            discriminator_path: str = '') -> dict:
   """Variables from the official checkpoint-gen.pkl (and checkpoint-dis.pkl; without it the
-  discriminator keeps its fresh initialisation)."""
+  discriminator keeps its fresh initialisation): CEN's pix2pix, or with a MiT backbone
+  TokenFusion's translation networks."""
+  formats = CHECKPOINT_FORMATS[config_lib.translation_family(config.model)]
   variables = jax.device_get(init_variables(config, model, jax.random.key(config.seed)))
-  nets = {'generator': torch_io.import_generator(torch_io.load_state_dict(generator_path),
-                                                 _network_variables(variables, 'generator'))}
-  nets['discriminator'] = (
-      torch_io.import_discriminator(torch_io.load_state_dict(discriminator_path),
-                                    _network_variables(variables, 'discriminator'))
-      if discriminator_path else _network_variables(variables, 'discriminator'))
+  paths = {'generator': generator_path, 'discriminator': discriminator_path}
+  nets = {net: (torch_io.read_into(paths[net], formats[net][0], _network_variables(variables, net))
+                if paths[net] else _network_variables(variables, net)) for net in NETS}
   return {c: {net: nets[net][c] for net in NETS} for c in ('params', 'batch_stats')}
 
 
 def export_torch(state, output: str) -> list[str]:
-  """The official checkpoint-gen.pkl and checkpoint-dis.pkl (plain state_dicts) in `output`."""
+  """The official checkpoint-gen.pkl and checkpoint-dis.pkl (plain state_dicts; TokenFusion's
+  with the DataParallel 'module.' prefix) in `output`."""
   state = jax.device_get(state)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  family = 'mit' if 'patch_embed_enc_0' in variables['params']['generator'] else 'unet'
   paths = [os.path.join(output, 'checkpoint-gen.pkl'), os.path.join(output, 'checkpoint-dis.pkl')]
-  torch_io.save_generator(paths[0], _network_variables(variables, 'generator'))
-  torch_io.save_discriminator(paths[1], _network_variables(variables, 'discriminator'))
+  for net, path in zip(NETS, paths):
+    export = CHECKPOINT_FORMATS[family][net][1]
+    torch_io.save_state_dict(path, export(_network_variables(variables, net)))
   return paths
 
 

@@ -39,3 +39,18 @@ def tiny_translation_config():
   config.train.num_epochs = 2
   config.train.l1_lambda = 1e-2
   return config
+
+
+def tiny_mit_translation_config(fusion: str = 'tokenfusion'):
+  """tiny_translation_config's data and schedule with TokenFusion's MiT generator and
+  discriminator at widths 4, 8, 8, 8, 16 (heads 1, 2, 4, 8, 16), one block per stage."""
+  config = tiny_translation_config()
+  m = config.model
+  m.backbone = 'mit_b0'
+  m.fusion = fusion
+  m.mit_embed_dims = (4, 8, 8, 8, 16)
+  m.mit_depths = (1, 1, 1, 1, 1)
+  m.mit_sr_ratios = (2, 2, 1, 1, 1)  # stage maps 16, 8, 4, 2, 1 at 32x32
+  if fusion == 'tokenfusion':
+    m.threshold = 0.02
+  return config

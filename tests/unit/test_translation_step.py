@@ -190,3 +190,75 @@ def test_eval_is_reproducible_and_dropout_switchable():
   e = translation.generate(variables, x, translation.eval_key(config, 1), model=model,
                            config=config)
   np.testing.assert_array_equal(np.asarray(d), np.asarray(e))
+
+
+def test_mit_gan_step_losses_by_hand_and_data_parallel_equals_single_device():
+  """TokenFusion's translation networks on the same GAN step: the first step's D loss, pixel
+  L1s and the official score penalty (sum |score| over every scored token of the global batch)
+  are the initial networks' by hand (G's adversarial term reads the updated D, so it is left to
+  test_losses_match_hand_computation, whose learning rates are 0), and 8 devices equal one
+  over two steps. Threshold 0.5 so that tokens are exchanged; stochastic depth off (its masks
+  depend on the device layout)."""
+  from tests.helpers.tiny import tiny_mit_translation_config
+  config = tiny_mit_translation_config('tokenfusion')
+  config.model.threshold = 0.5
+  config.model.drop_path_rate = 0.0
+  config.train.l1_lambda = 1e-3
+  batches = [random_batch(config, 8, seed=s) for s in range(2)]
+
+  model = train.build(config, axis_name=None)
+  state = train.create_state(config, model, jax.random.key(0))
+  batch = batches[0]
+  x = np.stack([batch[n] for n in config.modalities])
+  num = len(config.modalities)
+  g_vars = translation.eval_variables(state)
+  out = model.generator.apply(g_vars, x, train=True, deterministic=True)
+  below = np.mean([np.mean(np.asarray(m) < 0.5) for m in out['masks']])
+  assert 0.05 < below < 0.95, below  # tokens are exchanged
+  outputs = np.asarray(translation.stacked_outputs(out))
+  d_vars = {'params': state.params['discriminator']}
+  sigmoid = lambda z: 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+  y = np.broadcast_to(batch['target'], (num,) + batch['target'].shape)
+  real_p = sigmoid(model.discriminator.apply(d_vars, x, y, train=True))
+  fake_p = sigmoid(model.discriminator.apply(d_vars, x, outputs[:-1], train=True))
+  d_loss = sum(0.5 * (_np_bce(real_p[m], True) + _np_bce(fake_p[m], False)) for m in range(num))
+  pixel = [np.abs(outputs[o].astype(np.float64) - batch['target']).mean()
+           for o in range(num + 1)]
+  slim = sum(np.abs(np.asarray(m, np.float64)).sum() for m in out['masks'])
+
+  config.train.parallel = 'pmap'
+  single, single_scalars = run_steps(config, jax.devices()[:1], batches)
+  s = single_scalars[0]
+  np.testing.assert_allclose(s['loss/discriminator'], d_loss, rtol=1e-5)
+  for o, name in enumerate(translation.output_names(config)):
+    np.testing.assert_allclose(s[f'loss/l1_{name}'], pixel[o], rtol=1e-5)
+  np.testing.assert_allclose(s['loss/slim'], slim, rtol=1e-5)
+  np.testing.assert_allclose(s['loss/total'], s['loss/g_adversarial'] + 100.0 * sum(pixel)
+                             + config.train.l1_lambda * slim, rtol=1e-5)
+
+  config.train.parallel = 'shard_map'
+  multi, multi_scalars = run_steps(config, jax.devices(), batches)
+  for a, b in zip(single_scalars, multi_scalars):
+    for key in a:
+      np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  # As the cycle case above: a few kernel entries have near-zero gradients, which Adam's first
+  # step turns into steps of a few % of lr (1.1e-5 in one of 512 kv kernel entries).
+  lr = max(config.train.lr_g, config.train.lr_d)
+  for part in ('params', 'opt_state'):
+    a, b = _leaves(getattr(multi, part), noisy=False), _leaves(getattr(single, part), noisy=False)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=0.1 * lr, err_msg=key)
+  fresh = train.create_state(config, train.build(config), jax.random.key(0))
+  for net in translation.NETS:
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         multi.params[net], fresh.params[net])
+    assert max(jax.tree.leaves(moved)) > 1e-5, net
+
+
+def test_learning_rates_times_the_batch_with_lr_times_batch():
+  config = tiny_translation_config()
+  config.train.batch_size, config.train.lr_g, config.train.lr_d = 4, 2e-4, 1e-4
+  assert translation.learning_rates(config) == (2e-4, 1e-4)  # CEN: unscaled
+  config.train.lr_times_batch = True
+  assert translation.learning_rates(config) == (2e-4 * 4, 1e-4 * 4)  # TokenFusion's main.py
