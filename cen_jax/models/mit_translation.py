@@ -140,7 +140,21 @@ def decoder_drop_path_rates(depths: Sequence[int], drop_path_rate: float) -> lis
   return rates
 
 
-class MiTGenerator(nn.Module):
+class Architecture(nn.Module):
+  """The fields gen_bX and dis_bX share (official model_cfg.py; b0's by default)."""
+  embed_dims: Sequence[int] = TRANSLATION_ARCHS['b0']['embed_dims']
+  num_heads: Sequence[int] = NUM_HEADS
+  mlp_ratios: Sequence[float] = MLP_RATIOS
+  depths: Sequence[int] = TRANSLATION_ARCHS['b0']['depths']
+  sr_ratios: Sequence[int] = SR_RATIOS
+  qkv_bias: bool = True
+  drop_rate: float = 0.0
+  attn_drop_rate: float = 0.0
+  drop_path_rate: float = 0.1
+  dtype: Any = jnp.float32
+
+
+class MiTGenerator(Architecture):
   """The official MixVisionTransformerGen (TokenFusion translation generator).
 
   Input [M, N, S, S, C] (S divisible by 32). Returns
@@ -156,18 +170,8 @@ class MiTGenerator(nn.Module):
   score_predictor_{s}, block_enc_{s}_{i}, norm_enc_{s}, patch_embed_dec_{k}, block_dec_{k}_{i},
   norm_dec_{k}, project, alpha.
   """
-  embed_dims: Sequence[int] = TRANSLATION_ARCHS['b0']['embed_dims']
-  num_heads: Sequence[int] = NUM_HEADS
-  mlp_ratios: Sequence[float] = MLP_RATIOS
-  depths: Sequence[int] = TRANSLATION_ARCHS['b0']['depths']
-  sr_ratios: Sequence[int] = SR_RATIOS
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.1
   fusion: str = 'tokenfusion'  # a registered fusion that fits the MiT (registry.check_backbone)
   threshold: float = MASK_THRESHOLD
-  dtype: Any = jnp.float32
   fusion_options: tuple = ()  # (key, value) pairs: Site.options
   out_channels: int = 3
 
@@ -198,7 +202,7 @@ class MiTGenerator(nn.Module):
     return {'branches': images, 'ensemble': ensemble, 'alpha': weights, 'masks': masks}
 
 
-class MiTDiscriminator(nn.Module):
+class MiTDiscriminator(Architecture):
   """The official MixVisionTransformerDis: the generator's 5-stage encoder (no predictors, no
   fusion) on concat(x[m], y[m]) (input first), then the 1x1 conv `project` to one channel.
 
@@ -206,16 +210,6 @@ class MiTDiscriminator(nn.Module):
   output. `y` may be one image batch [N, S, S, C] for all branches (the official D(x, [y] * M)).
   `deterministic=False` draws stochastic depth (the official D trains in train mode).
   """
-  embed_dims: Sequence[int] = TRANSLATION_ARCHS['b0']['embed_dims']
-  num_heads: Sequence[int] = NUM_HEADS
-  mlp_ratios: Sequence[float] = MLP_RATIOS
-  depths: Sequence[int] = TRANSLATION_ARCHS['b0']['depths']
-  sr_ratios: Sequence[int] = SR_RATIOS
-  qkv_bias: bool = True
-  drop_rate: float = 0.0
-  attn_drop_rate: float = 0.0
-  drop_path_rate: float = 0.1
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array, *, train: bool,

@@ -102,6 +102,7 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
+  norm_class = LayerNormParallel  # the translation reference's has other attribute names
 
   def __init__(self, dim, num_heads, sr_ratio, num_parallel):
     super().__init__()
@@ -113,7 +114,7 @@ class Attention(nn.Module):
     self.sr_ratio = sr_ratio
     if sr_ratio > 1:
       self.sr = ModuleParallel(nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio))
-      self.norm = LayerNormParallel(dim, num_parallel)
+      self.norm = self.norm_class(dim, num_parallel)
 
   def forward(self, xs, h, w, masks):
     b, n, c = xs[0].shape

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.helpers import torch_reference_mit as mit_reference
 from tests.helpers.torch_reference import ModuleParallel
 from tests.helpers.torch_reference_mit import (DropPath, PredictorLG, count_params,  # noqa: F401
-                                               to_map, to_tokens, token_exchange)
+                                               to_map, to_tokens)
 
 MASK_THRESHOLD = 0.02
 NUM_HEADS, MLP_RATIOS, SR_RATIOS = (1, 2, 4, 8, 16), (4, 4, 4, 4, 4), (16, 8, 4, 2, 1)
@@ -82,36 +83,10 @@ class Mlp(nn.Module):
     return self.fc2(self.act(self.dwconv(self.fc1(xs), h, w)))
 
 
-class Attention(nn.Module):
-
-  def __init__(self, dim, num_heads, sr_ratio, num_parallel):
-    super().__init__()
-    self.num_heads = num_heads
-    self.scale = (dim // num_heads) ** -0.5
-    self.q = ModuleParallel(nn.Linear(dim, dim, bias=True))
-    self.kv = ModuleParallel(nn.Linear(dim, dim * 2, bias=True))
-    self.proj = ModuleParallel(nn.Linear(dim, dim))
-    self.sr_ratio = sr_ratio
-    if sr_ratio > 1:
-      self.sr = ModuleParallel(nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio))
-      self.norm = LayerNormParallel(dim, num_parallel)
-
-  def forward(self, xs, h, w, masks):
-    b, n, c = xs[0].shape
-    heads, d = self.num_heads, c // self.num_heads
-    qs = [q.reshape(b, n, heads, d).permute(0, 2, 1, 3) for q in self.q(xs)]
-    if self.sr_ratio > 1:
-      xs = self.norm([to_tokens(x) for x in self.sr([to_map(x, h, w) for x in xs])])
-    kvs = [kv.reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4) for kv in self.kv(xs)]
-    outs = []
-    for q, kv in zip(qs, kvs):
-      attn = ((q @ kv[0].transpose(-2, -1)) * self.scale).softmax(dim=-1)
-      outs.append((attn @ kv[1]).transpose(1, 2).reshape(b, n, c))
-    outs = self.proj(outs)
-    if masks is not None:
-      outs = [o * m.unsqueeze(2) for o, m in zip(outs, masks)]
-      outs = token_exchange(outs, masks, MASK_THRESHOLD)
-    return outs
+class Attention(mit_reference.Attention):
+  """The segmentation reference's attention (the same official code), with this file's
+  LayerNormParallel (lrnorm_{i}) for its spatial-reduction norm."""
+  norm_class = LayerNormParallel
 
 
 class Block(nn.Module):
