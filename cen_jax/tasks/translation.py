@@ -10,6 +10,13 @@ branches. Each step trains D, then G against the updated D:
   G loss = sum_m BCE(D(x_m, G_m), 1) + l1_weight * sum_{o in branches + ensemble} L1(o, y)
            + l1_lambda * sum |partitioned encoder IN scales|        (counted once)
 
+With config.model.backbone 'mit_b0'..'mit_b5', TokenFusion's Mix Transformer generator and
+discriminator (cen_jax/models/mit_translation.py) run on the same step: D gets its own
+stochastic-depth keys, and the penalty is the fusion's (TokenFusion: l1_lambda * sum |token
+score| over the global batch, each device summing its own examples; cen: the norm2 scales).
+Adam's learning rates are multiplied by the global batch with config.train.lr_times_batch
+(TokenFusion's recipe).
+
 Cycle multimodal fusion (`config.branches = branches.cycle(domains)`, TPAMI): branch m reads
 domain m and predicts domain m + 1 mod M; each branch's L1 and D pairs use its own target, and
 there is no ensemble (the branches predict different domains). Any 'input>target' branches work

@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.e2e.test_end_to_end import ROOT, run_main
+from tests.parity.test_translation_interop import import_and_predict
 
 torch = pytest.importorskip('torch')
 from tests.parity.test_mit_translation_torch import (  # noqa: E402  (needs torch)
@@ -25,8 +25,6 @@ OVERRIDES = [f'--config.model.mit_embed_dims={EMBED_DIMS}', f'--config.model.mit
 
 
 def test_import_predict_export_match_the_reference(tmp_path):
-  from cen_jax import preprocess
-  from cen_jax.tasks import translation_data
   tg, td = torch_gen(seed=0, fusion='tokenfusion'), torch_dis(seed=1)
   gen_path, dis_path = str(tmp_path / 'checkpoint-gen.pkl'), str(tmp_path / 'checkpoint-dis.pkl')
   originals = {}
@@ -34,29 +32,11 @@ def test_import_predict_export_match_the_reference(tmp_path):
     originals[os.path.basename(path)] = numpy_state(module)
     torch.save({f'module.{k}': v for k, v in module.state_dict().items()}, path)
 
-  # Inputs as Taskonomy files: 8-bit grey shading, 16-bit texture edges (80x80: resized).
-  rng = np.random.default_rng(0)
-  files = {'reshading': rng.integers(0, 256, (80, 80), dtype=np.uint8),
-           'edge_texture': rng.integers(0, 11356, (80, 80), dtype=np.uint16)}
-  paths = []
-  for name, array in files.items():
-    paths.append(str(tmp_path / f'{name}.png'))
-    Image.fromarray(array).save(paths[-1])
-
-  workdir, out_dir = str(tmp_path / 'work'), str(tmp_path / 'out')
-  data_dir = str(tmp_path / 'tfds')
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', '--mode=import',
-           f'--torch_checkpoint={gen_path}', f'--torch_checkpoint={dis_path}', *OVERRIDES,
-           data_dir=data_dir)
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', '--mode=predict',
-           *[f'--inputs={p}' for p in paths], f'--output={out_dir}', '--save_logits',
-           *OVERRIDES, data_dir=data_dir)
-
+  x, out_dir, workdir, data_dir = import_and_predict(tmp_path, CONFIG, [gen_path, dis_path],
+                                                     OVERRIDES, SIZE)
   # The reference in float64: the float32 reference's own rounding depends on the state of
   # the heap (docs/benchmarks.md, Host memory: 4.4e-5 here in one run, against 7e-7 in a fresh
   # process); cen-jax's float32 is compared with the exact computation.
-  x = [translation_data.to_unit_range(translation_data.resize(
-      preprocess.preprocess_domain(name, array), SIZE)) for name, array in files.items()]
   with torch.no_grad():
     outs, _, masks = copy.deepcopy(tg).double()(
         [torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)[None]).astype(np.float64))

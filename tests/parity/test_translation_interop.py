@@ -18,10 +18,33 @@ OVERRIDES = [f'--config.model.ngf={NGF}', f'--config.model.ndf={NDF}',
              '--config.model.test_dropout=False']
 
 
-def test_import_predict_export_match_the_reference(tmp_path):
-  torch, ref = _torch(), _reference()
+def import_and_predict(tmp_path, config, checkpoints, overrides, size):
+  """main.py --mode import of `checkpoints`, then --mode predict --save_logits on two
+  Taskonomy-style files (8-bit grey shading, 16-bit texture edges, 80x80: resized). Returns
+  the preprocessed inputs [S, S, 3] per domain, the output, work and data folders."""
   from cen_jax import preprocess
   from cen_jax.tasks import translation_data
+  rng = np.random.default_rng(0)
+  files = {'reshading': rng.integers(0, 256, (80, 80), dtype=np.uint8),
+           'edge_texture': rng.integers(0, 11356, (80, 80), dtype=np.uint16)}
+  paths = []
+  for name, array in files.items():
+    paths.append(str(tmp_path / f'{name}.png'))
+    Image.fromarray(array).save(paths[-1])
+  workdir, out_dir = str(tmp_path / 'work'), str(tmp_path / 'out')
+  data_dir = str(tmp_path / 'tfds')
+  run_main(f'--config={config}', f'--workdir={workdir}', '--mode=import',
+           *[f'--torch_checkpoint={c}' for c in checkpoints], *overrides, data_dir=data_dir)
+  run_main(f'--config={config}', f'--workdir={workdir}', '--mode=predict',
+           *[f'--inputs={p}' for p in paths], f'--output={out_dir}', '--save_logits',
+           *overrides, data_dir=data_dir)
+  x = [translation_data.to_unit_range(translation_data.resize(
+      preprocess.preprocess_domain(name, array), size)) for name, array in files.items()]
+  return x, out_dir, workdir, data_dir
+
+
+def test_import_predict_export_match_the_reference(tmp_path):
+  torch, ref = _torch(), _reference()
   num_downs = int(np.log2(SIZE))
   tg = ref.Generator(2, num_filter=NGF, num_downs=num_downs, threshold=1e-2)
   td = ref.Discriminator(num_filter=NDF)
@@ -33,28 +56,10 @@ def test_import_predict_export_match_the_reference(tmp_path):
   originals = {'checkpoint-gen.pkl': _state_dict_numpy(tg),
                'checkpoint-dis.pkl': _state_dict_numpy(td)}
 
-  # Inputs as Taskonomy files: 8-bit grey shading, 16-bit texture edges (80x80: resized).
-  rng = np.random.default_rng(0)
-  files = {'reshading': rng.integers(0, 256, (80, 80), dtype=np.uint8),
-           'edge_texture': rng.integers(0, 11356, (80, 80), dtype=np.uint16)}
-  paths = []
-  for name, array in files.items():
-    paths.append(str(tmp_path / f'{name}.png'))
-    Image.fromarray(array).save(paths[-1])
-
-  workdir, out_dir = str(tmp_path / 'work'), str(tmp_path / 'out')
-  data_dir = str(tmp_path / 'tfds')
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', '--mode=import',
-           f'--torch_checkpoint={gen_path}', f'--torch_checkpoint={dis_path}', *OVERRIDES,
-           data_dir=data_dir)
-  run_main(f'--config={CONFIG}', f'--workdir={workdir}', '--mode=predict',
-           *[f'--inputs={p}' for p in paths], f'--output={out_dir}', '--save_logits',
-           *OVERRIDES, data_dir=data_dir)
-
+  x, out_dir, workdir, data_dir = import_and_predict(tmp_path, CONFIG, [gen_path, dis_path],
+                                                     OVERRIDES, SIZE)
   # The reference on the same preprocessed inputs: train mode (instance statistics, as the
   # official G always runs), dropout off.
-  x = [translation_data.to_unit_range(translation_data.resize(
-      preprocess.preprocess_domain(name, array), SIZE)) for name, array in files.items()]
   tg.train()
   for module in tg.modules():
     if isinstance(module, torch.nn.Dropout):
