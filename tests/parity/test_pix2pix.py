@@ -143,7 +143,7 @@ def test_config_errors():
   with pytest.raises(ValueError, match='config.data.crop_size=96'):
     build_translation_models(config)
   config = config_lib.translation_config()
-  config.model.fusion = 'asymfusion'
+  config.model.fusion = 'average'  # an 'output' point: not in the U-Net
   with pytest.raises(ValueError, match='config.model.fusion'):
     build_translation_models(config)
   with pytest.raises(ValueError, match='divisible'):
