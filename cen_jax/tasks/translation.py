@@ -275,7 +275,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
                            jax.lax.axis_index(AXIS))
   rng_d, rng_g = jax.random.split(rng)
   # D's own stochastic depth (the MiT discriminator): one key per D call of the step.
-  d_keys = iter(jax.random.split(jax.random.fold_in(rng, 1), 3))
+  key_real, key_fake, key_g = jax.random.split(jax.random.fold_in(rng, 1), 3)
   num_devices = jax.lax.psum(1, AXIS)
   global_n = jax.lax.psum(x.shape[1], AXIS)
   targets = output_targets(y, x.shape[0])  # the D pairs' real images, per branch
@@ -288,9 +288,9 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
                        deterministic=False, rngs={'dropout': key}, mutable=['batch_stats'])
     return out, new['batch_stats']
 
-  def discriminate(params, stats, images):
+  def discriminate(params, stats, images, key):
     logits, new = D.apply({'params': params, 'batch_stats': stats}, x, images, train=True,
-                          deterministic=False, rngs={'dropout': next(d_keys)},
+                          deterministic=False, rngs={'dropout': key},
                           mutable=['batch_stats'])
     return logits, new['batch_stats']
 
@@ -302,8 +302,8 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
   fake = jax.lax.stop_gradient(fake_out['branches'])
 
   def d_objective(params):
-    real_logits, stats = discriminate(params, d_stats, targets)
-    fake_logits, stats = discriminate(params, stats, fake)
+    real_logits, stats = discriminate(params, d_stats, targets, key_real)
+    fake_logits, stats = discriminate(params, stats, fake, key_fake)
     real = patch_mean(bce_with_logits_sums(real_logits, True), real_logits)
     false = patch_mean(bce_with_logits_sums(fake_logits, False), fake_logits)
     return jnp.sum(0.5 * (real + false)), (real, false, stats)
@@ -322,7 +322,7 @@ def gan_step(state: TrainState, batch, *, model: Models, config, tx: dict):
 
   def g_objective(params):
     out, stats = generate(params, g_stats, rng_g)
-    fake_logits, new_d_stats = discriminate(d_params, d_stats, out['branches'])
+    fake_logits, new_d_stats = discriminate(d_params, d_stats, out['branches'], key_g)
     adversarial = patch_mean(bce_with_logits_sums(fake_logits, True), fake_logits)
     outputs = stacked_outputs(out, ensemble).astype(jnp.float32)
     diff = jnp.abs(outputs - output_targets(y, outputs.shape[0]).astype(jnp.float32))

@@ -27,11 +27,6 @@ def run_main(*args, script='main.py', data_dir, check=True):
   return proc
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def train_run(tmp_path_factory, config, data_dir) -> str:
   """A fresh workdir trained by main.py with `config` (the module-scoped `trained` runs)."""
   workdir = str(tmp_path_factory.mktemp('run'))
@@ -39,9 +34,22 @@ def train_run(tmp_path_factory, config, data_dir) -> str:
   return workdir
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_dir):
-  return train_run(tmp_path_factory, CONFIG, data_dir)
+def trained_run_fixtures(config):
+  """An end-to-end module's fixtures `data_dir` (a fresh TFDS folder) and `trained` (a workdir
+  trained by main.py with `config`), module-scoped: `data_dir, trained = ...(CONFIG)`."""
+
+  @pytest.fixture(scope='module')
+  def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('tfds'))
+
+  @pytest.fixture(scope='module')
+  def trained(tmp_path_factory, data_dir):
+    return train_run(tmp_path_factory, config, data_dir)
+
+  return data_dir, trained
+
+
+data_dir, trained = trained_run_fixtures(CONFIG)
 
 
 def final_params(workdir):

@@ -6,21 +6,14 @@ import json
 import os
 
 import numpy as np
-import pytest
 
-from tests.e2e.test_end_to_end import ROOT, check_kill_and_resume, run_main, train_run
+from tests.e2e.test_end_to_end import (ROOT, check_kill_and_resume, run_main,
+                                       trained_run_fixtures)
 
 CONFIG = os.path.join(ROOT, 'tests', 'helpers', 'configs', 'tiny_synthetic_mit.py')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_dir):
-  return train_run(tmp_path_factory, CONFIG, data_dir)
+data_dir, trained = trained_run_fixtures(CONFIG)
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path, trained, data_dir):

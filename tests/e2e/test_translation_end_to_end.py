@@ -5,24 +5,16 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.e2e.test_end_to_end import (check_kill_and_resume, one_error_line, run_main,
-                                   train_run)
+                                       trained_run_fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, 'tests', 'helpers', 'configs', 'tiny_translation.py')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_dir):
-  return train_run(tmp_path_factory, CONFIG, data_dir)
+data_dir, trained = trained_run_fixtures(CONFIG)
 
 
 def test_train_writes_results_logs_and_previews(trained):
