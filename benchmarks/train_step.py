@@ -58,6 +58,7 @@ def jax_config(case):
   config.train.batch_size = case['batch']
   config.train.lr_enc = (case['lr_enc'],) * 3
   config.train.lr_dec = (case['lr_dec'],) * 3
+  config.model.remat = case.get('remat', 'none')
   return config
 
 
@@ -111,6 +112,7 @@ class JaxStep:
     mem = self.compiled.memory_analysis()
     self.xla_mib = None if mem is None else (
         mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20
+    self.xla_temp_mib = None if mem is None else mem.temp_size_in_bytes / 2 ** 20
 
   def __call__(self):
     import jax

@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.frozen_bn = True  # official FREEZE_BN: running statistics in training, never updated
   m.dropout = 0.5
   m.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params/statistics stay float32)
+  # What each bottleneck and RefineNet block keeps for the backward pass (ResNet backbone):
+  # 'none' | 'blocks' (only its input: least memory, the forward runs twice) | 'keep_convs'
+  # (its convolutions' outputs; norms, activations and fusions run again). Same values.
+  m.remat = 'none'
   m.init_from = ''  # ImageNet .pth (needs torch) or '' for random init: torchvision ResNet, or
   #   the official SegFormer mit_bX.pth for a MiT backbone (loaded into every branch)
   m.embedding_dim = 256  # MiT: the SegFormer head's width

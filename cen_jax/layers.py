@@ -5,6 +5,7 @@
   `nn.vmap`-ed over the branch axis so that parameters and statistics are stacked `[M, C]`.
 - `max_pool`, `resize`: PyTorch-exact pooling and interpolation (explicit paddings,
   align_corners, cv2-style bicubic), written as plain functions.
+- `remat`: a block class recomputed in the backward pass (config.model.remat).
 """
 
 import functools
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from cen_jax import winograd
 
@@ -28,6 +30,32 @@ def torch_conv_kernel_init(key, shape, dtype=jnp.float32):
 def torch_conv_bias_init(fan_in: int):
   bound = 1.0 / np.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# What a rematerialised block keeps for the backward pass (config.model.remat):
+# - 'none': everything XLA keeps (no remat);
+# - 'blocks': only the block's input; the whole block runs again in the backward pass;
+# - 'keep_convs': the outputs of its shared convolutions (and matmuls), so that only the norms,
+#   activations and fusions run again: everything but the convolutions, most of the FLOPs.
+CONV_OUTPUT = 'shared_conv_output'  # the checkpoint_name of SharedConv's output
+REMAT_POLICIES = {
+    'none': None,
+    'blocks': jax.checkpoint_policies.nothing_saveable,
+    'keep_convs': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),
+        jax.checkpoint_policies.dots_saveable),
+}
+
+
+def remat(module_class, policy: str):
+  """`module_class`, or its rematerialised version under one of REMAT_POLICIES (the module's
+  parameter and statistics paths are unchanged: checkpoints are the same)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'config.model.remat={policy!r}: expected one of '
+                     f'{", ".join(REMAT_POLICIES)}')
+  if policy == 'none':
+    return module_class
+  return nn.remat(module_class, policy=REMAT_POLICIES[policy])
 
 
 def fold(x: jax.Array) -> jax.Array:
@@ -63,7 +91,7 @@ class SharedConv(nn.Module):
     if self.use_bias:
       bias = self.param('bias', torch_conv_bias_init(k * k * in_features), (self.features,))
       y = y + bias.astype(self.dtype)
-    return unfold(y, x.shape[0])
+    return checkpoint_name(unfold(y, x.shape[0]), CONV_OUTPUT)
 
 
 def fastest_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:

@@ -27,6 +27,9 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name=None, heads=()):
   family = config_lib.backbone_family(m)
   registry.check_backbone(fusion, m.get('backbone', 'resnet'), family, len(config.modalities))
   if family == 'mit':
+    if m.get('remat', 'none') != 'none':
+      raise ValueError(f'config.model.remat={m.remat!r}: rematerialisation is built for the '
+                       f"ResNet backbone only (config.model.backbone={m.backbone!r})")
     if heads:
       raise ValueError(f'config.model.backbone={m.backbone!r}: task heads (the dense '
                        f"scenarios) are built on the ResNet only (config.model.backbone='resnet')")
@@ -40,7 +43,8 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name=None, heads=()):
       threshold=m.threshold, stem_width=m.stem_width, widths=tuple(m.widths),
       decoder_widths=tuple(m.decoder_widths), dropout=m.dropout, frozen_bn=m.frozen_bn,
       bn_momentum=m.bn_momentum, bn_eps=m.bn_eps, axis_name=axis_name, dtype=DTYPES[m.dtype],
-      fusion_options=fusion_options(config), heads=tuple(heads))
+      fusion_options=fusion_options(config), heads=tuple(heads),
+      remat=m.get('remat', 'none'))
   if fusion.network == 'separate':
     return SeparateBranches(Segmenter, dict(fields, fusion='none'))
   return Segmenter(**fields)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from cen_jax.fusion import ops
 from cen_jax.fusion import registry
-from cen_jax.layers import SharedConv, max_pool, resize
+from cen_jax.layers import SharedConv, max_pool, remat, resize
 from cen_jax.models.resnet import ResNetEncoder
 
 
@@ -85,6 +85,7 @@ class Segmenter(nn.Module):
   dtype: Any = jnp.float32
   fusion_options: tuple = ()  # config.model.fusion_options as (key, value) pairs
   heads: tuple = ()  # ((task, channels, (branch index, ...)), ...); () = one shared classifier
+  remat: str = 'none'  # what the bottlenecks, RCU and CRP blocks keep for the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict:
@@ -97,26 +98,28 @@ class Segmenter(nn.Module):
                 epsilon=self.bn_eps, axis_name=self.axis_name)
     l1, l2, l3, l4 = ResNetEncoder(self.blocks, norm, self.stem_width, self.widths,
                                    fusion_name, self.threshold, dtype=self.dtype,
-                                   fusion_options=self.fusion_options, name='encoder')(x)
+                                   fusion_options=self.fusion_options, remat=self.remat,
+                                   name='encoder')(x)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     l4, l3 = drop(l4), drop(l3)
     wide, narrow = self.decoder_widths
     dt = self.dtype
+    rcu, crp = remat(RCUBlock, self.remat), remat(CRPBlock, self.remat)
 
     x = conv3x3(wide, 'p_ims1d2_outl1_dimred', dtype=dt)(l4)
-    x = nn.relu(RCUBlock(wide, 2, dtype=dt, name='adapt_stage1_b')(x))
-    x = CRPBlock(wide, dtype=dt, name='mflow_conv_g1_pool')(x)
-    x = RCUBlock(wide, 3, dtype=dt, name='mflow_conv_g1_b')(x)
+    x = nn.relu(rcu(wide, 2, dtype=dt, name='adapt_stage1_b')(x))
+    x = crp(wide, dtype=dt, name='mflow_conv_g1_pool')(x)
+    x = rcu(wide, 3, dtype=dt, name='mflow_conv_g1_b')(x)
     # Levels 2..4 (strides 16, 8, 4): project the coarser result, upsample it
     # (align_corners=True), add the adapted encoder feature, then relu, CRP and RCU.
     for level, skip in zip((2, 3, 4), (l3, l2, l1)):
       x = conv3x3(narrow, f'mflow_conv_g{level - 1}_b3_joint_varout_dimred', dtype=dt)(x)
       x = resize(x, skip.shape[-3:-1], 'bilinear_align_corners')
       y = conv3x3(narrow, f'p_ims1d2_outl{level}_dimred', dtype=dt)(skip)
-      y = RCUBlock(narrow, 2, dtype=dt, name=f'adapt_stage{level}_b')(y)
+      y = rcu(narrow, 2, dtype=dt, name=f'adapt_stage{level}_b')(y)
       y = conv3x3(narrow, f'adapt_stage{level}_b2_joint_varout_dimred', dtype=dt)(y)
-      x = CRPBlock(narrow, dtype=dt, name=f'mflow_conv_g{level}_pool')(nn.relu(y + x))
-      x = RCUBlock(narrow, 3, dtype=dt, name=f'mflow_conv_g{level}_b')(x)
+      x = crp(narrow, dtype=dt, name=f'mflow_conv_g{level}_pool')(nn.relu(y + x))
+      x = rcu(narrow, 3, dtype=dt, name=f'mflow_conv_g{level}_b')(x)
     x1 = drop(x)
 
     if self.heads:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cen_jax.fusion import registry
-from cen_jax.layers import PrivateBatchNorm, SharedConv, max_pool
+from cen_jax.layers import PrivateBatchNorm, SharedConv, max_pool, remat
 
 EXPANSION = 4
 
@@ -66,6 +66,7 @@ class ResNetEncoder(nn.Module):
   threshold: float = 2e-2
   dtype: Any = jnp.float32
   fusion_options: tuple = ()
+  remat: str = 'none'  # what each bottleneck keeps for the backward pass (layers.REMAT_POLICIES)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> list[jax.Array]:
@@ -75,11 +76,12 @@ class ResNetEncoder(nn.Module):
     x = max_pool(x, 3, 2, 1)
     in_features = self.stem_width
     outputs = []
+    block = remat(Bottleneck, self.remat)
     for stage, (num_blocks, planes) in enumerate(zip(self.blocks, self.widths)):
       for i in range(num_blocks):
         stride = 2 if (i == 0 and stage > 0) else 1
         downsample = i == 0 and (stride != 1 or in_features != planes * EXPANSION)
-        x = Bottleneck(planes, stride, downsample, self.norm, self.fusion, self.threshold,
+        x = block(planes, stride, downsample, self.norm, self.fusion, self.threshold,
                        dtype=self.dtype, stage=stage, index=i, num_blocks=num_blocks,
                        fusion_options=self.fusion_options, name=f'layer{stage + 1}_{i}')(x)
         in_features = planes * EXPANSION
