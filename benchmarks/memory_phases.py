@@ -11,7 +11,8 @@ assignment of the step (`compiled.memory_analysis()`: arguments, outputs aliased
 donated state, temporaries). glibc's defaults (no host_memory settings), as the tests run.
 Each phase's trim changes what follows (the next phase starts from a trimmed heap), so the
 peaks here are not the train-step benchmark's; they show which phase sets the peak and what
-is garbage there.
+is garbage there. `--compile_first` compiles the step from the state's shapes (jax.eval_shape)
+before the parameters and the optimiser state exist, then builds them.
 """
 
 import argparse
@@ -32,7 +33,7 @@ def status() -> tuple[int, int]:
   return tuple(int(fields[k].split()[0]) // 1024 for k in ('VmRSS', 'VmHWM'))
 
 
-def worker(size: int) -> None:
+def worker(size: int, compile_first: bool) -> None:
   libc = ctypes.CDLL('libc.so.6')
   rows = []
 
@@ -53,11 +54,6 @@ def worker(size: int) -> None:
               width=size, lr_enc=5e-4, lr_dec=3e-3)
   config = bench.jax_config(case)
   model = segmentation.build(config)
-  variables = jax.block_until_ready(segmentation.init_variables(config, model, jax.random.key(0)))
-  phase('parameter init')
-  state = jax.block_until_ready(segmentation.state_from_variables(config, variables))
-  del variables
-  phase('optimiser state')
   x, mask = bench.synthetic_batch(case)
   batch = {'x': x, 'mask': mask}
   step = segmentation.make_train_step(config, model, segmentation.stage_starts(config, 10 ** 6))
@@ -65,11 +61,33 @@ def worker(size: int) -> None:
   mapped = jax.shard_map(step, mesh=mesh,
                          in_specs=(P(), train_lib.batch_specs(segmentation.BATCH_KEYS)),
                          out_specs=(P(), P()), check_vma=False)
-  lowered = jax.jit(mapped, donate_argnums=(0,)).lower(state, batch)
-  phase('trace + lower')
-  compiled = lowered.compile()
-  del lowered
-  phase('compile')
+  jitted = jax.jit(mapped, donate_argnums=(0,))
+
+  def new_state():
+    variables = jax.block_until_ready(
+        segmentation.init_variables(config, model, jax.random.key(0)))
+    phase('parameter init')
+    state = jax.block_until_ready(segmentation.state_from_variables(config, variables))
+    del variables
+    phase('optimiser state')
+    return state
+
+  def compile_step(state):
+    lowered = jitted.lower(state, batch)
+    phase('trace + lower')
+    compiled = lowered.compile()
+    del lowered
+    phase('compile')
+    return compiled
+
+  if compile_first:  # from the state's shapes alone, before any parameter exists
+    compiled = compile_step(jax.eval_shape(
+        lambda: segmentation.state_from_variables(
+            config, segmentation.init_variables(config, model, jax.random.key(0)))))
+    state = new_state()
+  else:
+    state = new_state()
+    compiled = compile_step(state)
   for i in range(3):
     state, _ = jax.block_until_ready(compiled(state, batch))
     phase(f'step {i + 1}')
@@ -82,18 +100,22 @@ def worker(size: int) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--shapes', nargs='+', default=['128x128', '256x256'])
+  parser.add_argument('--compile_first', action='store_true',
+                      help='compile the step from the state\'s shapes before any state exists')
   parser.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker(args.worker)
+    worker(args.worker, args.compile_first)
     return
   for shape in args.shapes:
     size = int(shape.split('x')[0])
-    out = subprocess.run([sys.executable, __file__, f'--worker={size}'], check=True,
+    flags = ['--compile_first'] if args.compile_first else []
+    out = subprocess.run([sys.executable, __file__, f'--worker={size}', *flags], check=True,
                          capture_output=True, text=True, cwd=ROOT).stdout
     result = json.loads(out.strip().splitlines()[-1])
     xla = result['xla']
-    print(f'\n### R50, M = 2, batch 2, {shape}: XLA buffers (MiB) arguments {xla["argument"]}, '
+    order = 'compiled before the state exists' if args.compile_first else 'state, then compile'
+    print(f'\n### R50, M = 2, batch 2, {shape}, {order}: XLA buffers (MiB) arguments {xla["argument"]}, '
           f'outputs {xla["output"]} (aliased to the donated state: {xla["alias"]}), '
           f'temporaries {xla["temp"]}\n')
     print('| phase | RSS (MiB) | peak RSS so far (MiB) | RSS after malloc_trim (MiB) |')
