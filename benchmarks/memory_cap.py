@@ -32,8 +32,6 @@ def child(case: dict, steps: int, cgroup: str) -> None:
   if cgroup:
     with open(os.path.join(cgroup, 'cgroup.procs'), 'w') as f:
       f.write(str(os.getpid()))
-  sys.path.insert(0, ROOT)
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   from cen_jax import host_memory
   host_memory.keep_freed_host_memory()  # as main.py does, before JAX starts its threads
   import train_step as bench
@@ -122,16 +120,14 @@ def main():
   if args.child:
     child(json.loads(args.child), args.steps, args.cgroup)
     return
-  reference = {}  # at --start_batch, uncapped, side by side
-  for policy in args.policies:
-    case = dict(bench.make_case('train', args.shape, args.start_batch, 50), remat=policy)
-    reference[policy] = run(case, max(args.steps, 3), '')
+  cases = {policy: dict(bench.make_case('train', args.shape, args.start_batch, 50), remat=policy)
+           for policy in args.policies}
+  # At --start_batch, uncapped, side by side.
+  reference = {policy: run(case, max(args.steps, 3), '') for policy, case in cases.items()}
   cgroup = Cgroup(args.cap_mib)
   try:
-    capped = {}
-    for policy in args.policies:
-      case = dict(bench.make_case('train', args.shape, args.start_batch, 50), remat=policy)
-      capped[policy] = largest_batch(case, args.start_batch, args.steps, cgroup.path)
+    capped = {policy: largest_batch(case, args.start_batch, args.steps, cgroup.path)
+              for policy, case in cases.items()}
   finally:
     cgroup.close()
   base = reference[args.policies[0]]

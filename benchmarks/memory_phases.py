@@ -81,9 +81,7 @@ def worker(size: int, compile_first: bool) -> None:
     return compiled
 
   if compile_first:  # from the state's shapes alone, before any parameter exists
-    compiled = compile_step(jax.eval_shape(
-        lambda: segmentation.state_from_variables(
-            config, segmentation.init_variables(config, model, jax.random.key(0)))))
+    compiled = compile_step(train_lib.template_state(config, model))
     state = new_state()
   else:
     state = new_state()
