@@ -3,23 +3,29 @@ config and shapes, config.compile_cache_dir filled by the first).
 
   .venv/bin/python benchmarks/startup.py [--config configs/demo.py] [--repeats 1]
 
-Every run is a fresh process (`python main.py ...`), timed from its start:
-- train: to the end of the first training step (the progress bar's first `1/N`), with
-  max_steps = 1;
-- eval: to the end of the process (`--mode eval` of that checkpoint on the eval split);
-- predict: to the end of the process (`--mode predict` of one RGB-D pair of PNGs: one batch).
+Every run is a fresh process (`python main.py ...`), timed from its start to its first
+step or batch (the progress bar's first `1/N` line) and to its exit:
+- train: max_steps = 1 (its exit includes the final evaluation and checkpoint);
+- eval: `--mode eval` of that checkpoint on the eval split (its bar, drawn on a terminal: stderr
+  is a pseudo-terminal here, counts finished batches);
+- predict: `--mode predict` of one RGB-D pair of PNGs: one batch, no bar; its exit is the
+  measure.
 The dataset is prepared once before (not timed). Each mode gets its own empty cache folder for
 its cold run, then runs again on it; the table gives the medians over --repeats.
 """
 
 import argparse
+import fcntl
 import os
+import pty
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 
@@ -29,19 +35,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STEP = re.compile(rb'\b1/\d+ \[')  # tqdm's "1/8 [" once the first step is done
 
 
-def timed_main(flags, *, until_first_step=False) -> float:
-  """Seconds from starting `python main.py flags` to its first step or to its exit."""
+def timed_main(flags) -> tuple:
+  """(seconds to the first `1/N` bar line or None, seconds to exit) of `python main.py flags`.
+  Its stderr is a pseudo-terminal: eval draws its bar on a terminal only."""
   cmd = [sys.executable, os.path.join(ROOT, 'main.py'), *flags]
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  terminal, child_end = pty.openpty()
+  # 24 x 120: a new pty is 0 x 0, and tqdm draws nothing in 0 columns.
+  fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 120, 0, 0))
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=child_end)
+  os.close(child_end)
   first = []
   out = []
 
   def watch():  # the bar redraws with \r: read bytes as they come
     seen = b''
-    while chunk := proc.stderr.read1(4096):
+    while True:
+      try:
+        chunk = os.read(terminal, 4096)
+      except OSError:  # EIO: the child closed the terminal
+        break
+      if not chunk:
+        break
       seen += chunk
       if not first and FIRST_STEP.search(seen):
         first.append(time.perf_counter() - start)
@@ -52,14 +68,11 @@ def timed_main(flags, *, until_first_step=False) -> float:
   stdout = proc.stdout.read()
   proc.wait()
   reader.join()
+  os.close(terminal)
   if proc.returncode:
     sys.exit(f'error: {" ".join(cmd)} exited {proc.returncode}:\n'
              f'{stdout.decode()[-2000:]}{out[0].decode(errors="replace")[-2000:]}')
-  if until_first_step:
-    if not first:
-      sys.exit(f'error: no first step seen in the output of {" ".join(cmd)}')
-    return first[0]
-  return time.perf_counter() - start
+  return (first[0] if first else None), time.perf_counter() - start
 
 
 def write_pair(folder) -> list:
@@ -87,7 +100,7 @@ def main():
     inputs = write_pair(root)
     rows = []
     for mode in ('train', 'eval', 'predict'):
-      cold, warm = [], []
+      runs = {'cold': [], 'warm': []}
       for k in range(args.repeats):
         cache = os.path.join(root, f'xla_{mode}_{k}')
         workdir = os.path.join(root, f'run_{k}')
@@ -98,18 +111,25 @@ def main():
           flags += [f'--mode={mode}']
         if mode == 'predict':
           flags += [f'--inputs={p}' for p in inputs] + [f'--output={root}/predicted']
-        for times in (cold, warm):
+        for kind in ('cold', 'warm'):
           if mode == 'train':  # a finished workdir would not train again
             shutil.rmtree(workdir, ignore_errors=True)
-          times.append(timed_main(flags, until_first_step=mode == 'train'))
-      rows.append((mode, statistics.median(cold), statistics.median(warm)))
-  what = {'train': 'start to first step', 'eval': 'start to exit (eval split)',
-          'predict': 'start to exit (one pair)'}
+          runs[kind].append(timed_main(flags))
+      rows.append((mode, runs))
   print(f'{args.config}, {args.repeats} run(s) each, medians:\n')
-  print('| mode | measured | cold (s) | warm (s) | cold / warm |')
+  print('| mode | to first step/batch: cold / warm (s) | cold / warm | to exit: cold / warm (s) '
+        '| cold / warm |')
   print('|---|---|---|---|---|')
-  for mode, cold, warm in rows:
-    print(f'| {mode} | {what[mode]} | {cold:.1f} | {warm:.1f} | {cold / warm:.1f}x |')
+  for mode, runs in rows:
+    cells = []
+    for at in (0, 1):
+      times = [[t[at] for t in runs[kind]] for kind in ('cold', 'warm')]
+      if any(t is None for kind in times for t in kind):
+        cells += ['-', '-']
+        continue
+      cold, warm = (statistics.median(t) for t in times)
+      cells += [f'{cold:.2f} / {warm:.2f}', f'{cold / warm:.1f}x']
+    print(f'| {mode} | ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':

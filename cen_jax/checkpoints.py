@@ -19,7 +19,6 @@ import shutil
 import sys
 from typing import Any, Optional
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -153,8 +152,10 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler(),
-                'data': grain.checkpoint.CheckpointHandler()}
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    if not read_only:  # eval and predict never touch the input position: no grain import
+      import grain  # pylint: disable=g-import-not-at-top
+      handlers['data'] = grain.checkpoint.CheckpointHandler()
     if read_only and not os.path.isdir(self.directory):
       self.manager = None
     else:
@@ -278,6 +279,7 @@ class Checkpoints:
       meta['metrics'] = {k: float(v) for k, v in metrics.items()}
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
+      import grain  # pylint: disable=g-import-not-at-top: imported by __init__ already
       items['data'] = grain.checkpoint.CheckpointSave(_IteratorState(data_iterator))
     self.manager.save(step, args=ocp.args.Composite(**items),
                       metrics=meta.get('metrics'), force=True)
@@ -307,6 +309,7 @@ class Checkpoints:
                 f'({", ".join(saved)}) than this run has ({count}); exact resume needs the same '
                 f'process count')
           raise DamagedCheckpointError(f'{mine}: missing (the input position of step {step})')
+        import grain  # pylint: disable=g-import-not-at-top: imported by __init__ already
         self.manager.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))))
     return restored['state']

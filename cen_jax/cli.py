@@ -117,7 +117,7 @@ def run_mode(config, workdir: str) -> None:
     train.prepare_dataset(config)
     variables, step = train.restore_variables(config, workdir, model, FLAGS.checkpoint)
     results = train.evaluate(config, model, variables, split=config.data.eval_split,
-                             step=step, workdir=workdir)
+                             step=step, workdir=workdir, progress=True)
     import jax
     for name, scores in results['metrics'].items() if jax.process_index() == 0 else ():
       print(f'{name:>10}: ' + '  '.join(f'{k} {v:.{task.RESULT_DIGITS}f}'

@@ -158,7 +158,7 @@ class _LineStream:
     self._stream.flush()
 
 
-def _is_tty(stream) -> bool:
+def is_terminal(stream) -> bool:
   try:
     return stream.isatty()
   except (AttributeError, ValueError):
@@ -169,21 +169,23 @@ class ProgressBar:
   """tqdm bar over a known number of steps, showing rate and ETA, on stderr.
 
   On a terminal it redraws in place; otherwise (log files, batch jobs) it prints a full
-  line at most every `log_interval_s` seconds, so logs stay readable and still show
-  progress. enabled=False (non-zero processes) makes every method a no-op.
+  line after the first update and then at most every `log_interval_s` seconds, so logs stay
+  readable and still show progress. enabled=False (non-zero processes) makes every method a no-op.
   """
 
   def __init__(self, total: int, *, initial: int = 0, enabled: bool = True,
-               desc: str = 'train', log_interval_s: float = 60.0, stream=None):
+               desc: str = 'train', unit: str = 'step', log_interval_s: float = 60.0,
+               stream=None):
     self.enabled = enabled
+    self._first_shown = False
     self._stream = sys.stderr if stream is None else stream
-    self._tty = _is_tty(self._stream)
+    self._tty = is_terminal(self._stream)
     self._bar = None
     if not enabled:
       return
     from tqdm import tqdm
     self._bar = tqdm(
-        total=int(total), initial=int(initial), desc=desc, unit='step',
+        total=int(total), initial=int(initial), desc=desc, unit=unit,
         file=self._stream if self._tty else _LineStream(self._stream),
         mininterval=0.5 if self._tty else log_interval_s,
         # tqdm's adaptive miniters can skip the timed refresh on slow loops.
@@ -193,6 +195,9 @@ class ProgressBar:
   def update(self, n: int = 1) -> None:
     if self._bar is not None:
       self._bar.update(n)
+      if not self._first_shown:  # the first step at once: the compile is over, the rate shows
+        self._bar.refresh()
+      self._first_shown = True
 
   def set_postfix(self, **scalars) -> None:
     """A few scalars shown after the bar, e.g. set_postfix(loss=0.53)."""

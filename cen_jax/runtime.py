@@ -7,6 +7,7 @@ statistics inside the model). Host batches hold one array per input modality (st
 """
 
 import os
+import sys
 from typing import Any, Callable
 
 import flax
@@ -17,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cen_jax import branches as branches_lib
+from cen_jax import compile_cache
 from cen_jax import input_pipeline
 from cen_jax import run_log as log_lib
 from cen_jax import viz
@@ -80,7 +82,9 @@ def local_eval_fn(config, fn: Callable, keys, *, reduced_outputs) -> Callable:
   mesh = Mesh(np.asarray(devices), (AXIS,))
   shardings = {k: NamedSharding(mesh, s) for k, s in batch_specs(keys).items()}
   replicated = NamedSharding(mesh, P())
-  jitted = jax.jit(fn, out_shardings=tuple(replicated if r else None for r in reduced_outputs))
+  # A second process of the same config and code calls the stored executable, untraced.
+  jitted = compile_cache.CachedJit(
+      fn, config, out_shardings=tuple(replicated if r else None for r in reduced_outputs))
 
   def run(variables, host_batch):
     batch = device_batch(config, host_batch, 0, for_pmap=False, keys=keys)
@@ -184,14 +188,15 @@ def keep_finite_update(new_state: TrainState, old_state: TrainState, finite) -> 
 
 
 def evaluate(task, config, model, variables, *, split: str, step: int, workdir=None, writer=None,
-             eval_fn=None) -> dict:
+             eval_fn=None, progress: bool = False) -> dict:
   """The evaluate loop of every task: `task`'s metrics over the whole split.
 
   Each process evaluates its share of the batches on its local devices; `task.Evaluation`
   accumulates each batch (`add(variables, index, batch)`, which returns what the preview shows)
   and sums over processes in `results()`. Writes <workdir>/eval_results.json and a preview PNG
   when workdir is given. Pass the same `eval_fn` (task.make_eval_fn) to repeated evaluations so
-  that they compile once.
+  that they compile once. progress: a bar over the batches when stderr is a terminal
+  (`--mode eval`).
   """
   eval_fn = eval_fn or task.make_eval_fn(config, model)
   variables = eval_fn.place(variables)  # this process's devices (no cross-host transfer)
@@ -202,10 +207,17 @@ def evaluate(task, config, model, variables, *, split: str, step: int, workdir=N
       process_index=jax.process_index(), process_count=jax.process_count(),
       one_shape=task.ONE_EVAL_SHAPE)
   preview = None
+  bar = log_lib.ProgressBar(  # on a terminal only: a log keeps just the results
+      len(batches), desc=f'eval {split}', unit='batch',
+      enabled=progress and jax.process_index() == 0 and log_lib.is_terminal(sys.stderr))
   for index, batch in enumerate(batches):
     shown = evaluation.add(variables, index, batch)
     if preview is None and config.train.num_previews > 0:
       preview = (batch, shown)
+    if bar.enabled:
+      jax.block_until_ready(shown)  # the bar counts finished batches, not dispatched ones
+    bar.update(1)
+  bar.close()
   results = {'step': int(step), 'split': split, **evaluation.results()}
   write_eval_outputs(config, results, workdir=workdir, writer=writer,
                      preview=task.preview_image(config, *preview) if preview else None)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from cen_jax import image_files
+from cen_jax import compile_cache
 from cen_jax import transforms
 from cen_jax import viz
 from cen_jax.image_files import read_image, save_npy
@@ -64,7 +65,8 @@ def make_predict_fn(config):
   if method is None:
     raise ValueError(f'config.data.eval_upsample={config.data.eval_upsample!r}: expected one '
                      f'of {sorted(UPSAMPLE)}')
-  return jax.jit(functools.partial(_forward, build_model(config), method))
+  return compile_cache.CachedJit(functools.partial(_forward, build_model(config), method),
+                                 config)
 
 
 def _display_image(config, inputs: dict) -> np.ndarray:

@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from cen_jax import branches as branches_lib
+from cen_jax import compile_cache
 from cen_jax import config as config_lib
 from cen_jax import fid
 from cen_jax import image_files
@@ -701,7 +702,8 @@ def predict(config, model, variables, inputs, output, *, save_logits=False) -> l
     examples = image_files.match_folders(config.modalities, inputs)
   else:
     examples = [(os.path.splitext(os.path.basename(inputs[0]))[0], list(inputs))]
-  forward = jax.jit(functools.partial(generate, model=model, config=config))
+  forward = compile_cache.CachedJit(functools.partial(generate, model=model, config=config),
+                                    config)
   size = int(config.data.crop_size)
   written = []
   for stem, paths in examples:
