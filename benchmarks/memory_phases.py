@@ -33,7 +33,7 @@ def status() -> tuple[int, int]:
   return tuple(int(fields[k].split()[0]) // 1024 for k in ('VmRSS', 'VmHWM'))
 
 
-def worker(size: int, compile_first: bool) -> None:
+def worker(size: int, compile_first: bool, remat: str) -> None:
   libc = ctypes.CDLL('libc.so.6')
   rows = []
 
@@ -51,7 +51,7 @@ def worker(size: int, compile_first: bool) -> None:
   from cen_jax.tasks import segmentation
   phase('imports')
   case = dict(mode='train', resnet=50, classes=40, branches=2, batch=2, height=size,
-              width=size, lr_enc=5e-4, lr_dec=3e-3)
+              width=size, lr_enc=5e-4, lr_dec=3e-3, remat=remat)
   config = bench.jax_config(case)
   model = segmentation.build(config)
   x, mask = bench.synthetic_batch(case)
@@ -100,20 +100,21 @@ def main():
   parser.add_argument('--shapes', nargs='+', default=['128x128', '256x256'])
   parser.add_argument('--compile_first', action='store_true',
                       help='compile the step from the state\'s shapes before any state exists')
+  parser.add_argument('--remat', default='none', help='config.model.remat of the step')
   parser.add_argument('--worker', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    worker(args.worker, args.compile_first)
+    worker(args.worker, args.compile_first, args.remat)
     return
   for shape in args.shapes:
     size = int(shape.split('x')[0])
-    flags = ['--compile_first'] if args.compile_first else []
+    flags = (['--compile_first'] if args.compile_first else []) + [f'--remat={args.remat}']
     out = subprocess.run([sys.executable, __file__, f'--worker={size}', *flags], check=True,
                          capture_output=True, text=True, cwd=ROOT).stdout
     result = json.loads(out.strip().splitlines()[-1])
     xla = result['xla']
     order = 'compiled before the state exists' if args.compile_first else 'state, then compile'
-    print(f'\n### R50, M = 2, batch 2, {shape}, {order}: XLA buffers (MiB) arguments {xla["argument"]}, '
+    print(f'\n### R50, M = 2, batch 2, {shape}, remat {args.remat}, {order}: XLA buffers (MiB) arguments {xla["argument"]}, '
           f'outputs {xla["output"]} (aliased to the donated state: {xla["alias"]}), '
           f'temporaries {xla["temp"]}\n')
     print('| phase | RSS (MiB) | peak RSS so far (MiB) | RSS after malloc_trim (MiB) |')

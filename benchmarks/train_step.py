@@ -74,41 +74,46 @@ def mit_config(case):
 
 
 class JaxStep:
-  """One jitted cen-jax step on one device: the task's train step (shard_map over a 1-device
-  mesh, as the runner does) or the eval-mode forward pass."""
+  """One cen-jax step on one device: the runner's train step (train.Runner over a 1-device
+  mesh, compiled from the state's shapes before the state exists, as main.py does) or the
+  eval-mode forward pass."""
 
   def __init__(self, case):
     from cen_jax import host_memory
     config = jax_config(case)
     host_memory.use_async_cpu_dispatch_of(config)  # as main.py does, before any computation
     import jax
-    from jax.sharding import Mesh, PartitionSpec as P
     import numpy as np
+    from cen_jax import branches as branches_lib
     from cen_jax import train as train_lib
     from cen_jax.tasks import segmentation
 
     sys.stderr.write(f'cen-jax worker: jax {jax.__version__}, backend {jax.default_backend()}\n')
     model = segmentation.build(config)
-    variables = segmentation.init_variables(config, model, jax.random.key(0))
     x, mask = synthetic_batch(case)
-    self.params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables['params']))
+    self.mode = case['mode']
     start = time.perf_counter()
-    if case['mode'] == 'train':
-      state = segmentation.state_from_variables(config, variables)
-      starts = segmentation.stage_starts(config, 10 ** 6)
-      step = segmentation.make_train_step(config, model, starts)
-      mesh = Mesh(np.asarray(jax.devices()[:1]), (train_lib.AXIS,))
-      specs = train_lib.batch_specs(segmentation.BATCH_KEYS)
-      mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()),
-                             check_vma=False)
-      self.args = [state, {'x': x, 'mask': mask}]
-      self.compiled = jax.jit(mapped, donate_argnums=(0,)).lower(*self.args).compile()
+    if self.mode == 'train':
+      config.train.parallel = 'shard_map'
+      self.runner = train_lib.Runner(config, model, segmentation.stage_starts(config, 10 ** 6),
+                                     devices=jax.devices()[:1])
+      batch = {'mask': mask, **dict(zip(branches_lib.inputs(config), x))}
+      self.runner.compile(train_lib.template_state(config, model), batch)
+      self.compiled = self.runner.compiled
+      self.compile_s = time.perf_counter() - start
+      variables = segmentation.init_variables(config, model, jax.random.key(0))
+      self.args = [self.runner.place_state(segmentation.state_from_variables(config, variables)),
+                   batch]
+      del variables
+      host_memory.release_start_up_memory()  # as main.py does before its first step
     else:
+      variables = segmentation.init_variables(config, model, jax.random.key(0))
       forward = lambda v, x: model.apply(v, x, train=False)
       self.args = [variables, x]
       self.compiled = jax.jit(forward).lower(*self.args).compile()
-    self.compile_s = time.perf_counter() - start
-    self.mode = case['mode']
+      self.compile_s = time.perf_counter() - start
+    self.params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(
+        self.args[0].params if self.mode == 'train' else self.args[0]['params']))
     mem = self.compiled.memory_analysis()
     self.xla_mib = None if mem is None else (
         mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20
@@ -116,10 +121,12 @@ class JaxStep:
 
   def __call__(self):
     import jax
-    out = self.compiled(*self.args)
-    jax.block_until_ready(out)
     if self.mode == 'train':
+      out = self.runner.step(*self.args)
       self.args[0] = out[0]  # the state was donated
+    else:
+      out = self.compiled(*self.args)
+    jax.block_until_ready(out)
 
 
 def timed(step) -> dict:
@@ -143,7 +150,8 @@ def serve(make_step):
       start = time.perf_counter()
       step()
       reply = {'params': step.params, 'first_s': time.perf_counter() - start,
-               'compile_s': step.compile_s, 'xla_mib': step.xla_mib}
+               'compile_s': step.compile_s, 'xla_mib': step.xla_mib,
+               'xla_temp_mib': step.xla_temp_mib}
     elif msg['cmd'] == 'run':
       reply = timed(step)
     elif msg['cmd'] == 'memory':
@@ -189,17 +197,21 @@ def parse_shape(text):
   return int(h), int(w)
 
 
-def make_case(mode, shape, batch, resnet, branches=2, classes=40, backbone='resnet'):
-  """One benchmark case: the recipe both workers build (see the module docstring)."""
+def make_case(mode, shape, batch, resnet, branches=2, classes=40, backbone='resnet',
+              remat='none'):
+  """One benchmark case: the recipe both workers build (see the module docstring); remat is
+  cen-jax's config.model.remat (the official step keeps every activation)."""
   height, width = parse_shape(shape)
   return dict(mode=mode, resnet=resnet, height=height, width=width, batch=batch,
-              branches=branches, classes=classes, lr_enc=5e-4, lr_dec=3e-3, backbone=backbone)
+              branches=branches, classes=classes, lr_enc=5e-4, lr_dec=3e-3, backbone=backbone,
+              remat=remat)
 
 
 def cases(args):
   common = dict(branches=args.branches, classes=args.classes)
-  out = [make_case('train', shape, args.batch, args.resnet, backbone=args.backbone, **common)
-         for shape in args.shapes]
+  out = [make_case('train', shape, args.batch, args.resnet, backbone=args.backbone,
+                   remat=remat, **common)
+         for remat in args.remat for shape in args.shapes]
   if args.forward_shape and args.backbone == 'resnet':  # the forward row is CEN's R101
     out.append(make_case('forward', args.forward_shape, args.forward_batch, args.forward_resnet,
                          **common))
@@ -210,7 +222,8 @@ def case_name(case):
   kind = 'train step' if case['mode'] == 'train' else 'forward only'
   network = (f"TokenFusion MiT-{case['backbone'][len('mit_'):].upper()}"
              if case.get('backbone', 'resnet').startswith('mit_') else f"R{case['resnet']}")
-  return f"{kind}, {network} {case['height']}x{case['width']}, batch {case['batch']}"
+  remat = f", remat {case['remat']}" if case.get('remat', 'none') != 'none' else ''
+  return f"{kind}, {network} {case['height']}x{case['width']}, batch {case['batch']}{remat}"
 
 
 def measure(case, args):
@@ -309,7 +322,8 @@ def table(results, compared_to=''):
   other = (f' | cen-jax {compared_to} (s) | speed-up vs it') if compared_to else ''
   rows = ['| case | official PyTorch (s) | cen-jax (s) | cen-jax speed vs official '
           '| CPU s/step official / cen-jax' + other + ' | cen-jax compile (s) '
-          '| official first step (s) | peak RSS official / cen-jax (MiB) | XLA buffers (MiB) |',
+          '| official first step (s) | peak RSS official / cen-jax (MiB) '
+          '| XLA buffers: all / temporaries (MiB) |',
           '|---|---|---|---|---|' + ('---|---|' if compared_to else '') + '---|---|---|---|']
   for case, r in results:
     jax_r, torch_r, other_r = r['jax'], r.get('torch'), r.get('jax_other')
@@ -328,7 +342,8 @@ def table(results, compared_to=''):
         f"{jax_r['compile_s']:.1f}",
         f"{torch_r['first_s']:.2f}" if torch_r else '-',
         (f"{torch_r['peak_rss_mib']:.0f} / " if torch_r else '- / ') + f"{jax_r['peak_rss_mib']:.0f}",
-        f"{jax_r['xla_mib']:.0f}" if jax_r['xla_mib'] is not None else '-',
+        (f"{jax_r['xla_mib']:.0f} / {jax_r.get('xla_temp_mib') or 0:.0f}"
+         if jax_r['xla_mib'] is not None else '-'),
     ]) + ' |')
   return '\n'.join(rows)
 
@@ -342,6 +357,8 @@ def main():
   parser.add_argument('--jax_python', default=sys.executable)
   parser.add_argument('--shapes', nargs='*', default=['128x128', '256x256'])
   parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--remat', nargs='+', default=['none'],
+                      help="cen-jax's config.model.remat for the train rows: one row set each")
   parser.add_argument('--resnet', type=int, default=50)
   parser.add_argument('--backbone', default='resnet',
                       help="'resnet' (CEN, RefineNet-LW; --official_repo: yikaiw/CEN) or "

@@ -20,7 +20,8 @@ makes XLA:CPU run single-device computations on the calling thread, whose arena 
 prepares the next batch while a step runs, which costs small steps more than they gain
 (config.train.cpu_async_dispatch). In some processes the heap grows once by a whole step's
 temporaries, which then stay resident twice (docs/benchmarks.md, "Host memory": glibc's
-memalign cannot reuse the freed block when it has not merged into the top of the heap).
+memalign cannot reuse the freed block when it has not merged into the top of the heap);
+train.Runner gives such a block back after each step (`release_freed_host_memory`).
 """
 
 import ctypes
@@ -59,3 +60,35 @@ def use_async_cpu_dispatch_of(config) -> None:
   if enabled is not None:
     import jax  # pylint: disable=g-import-not-at-top: after keep_freed_host_memory
     jax.config.update('jax_cpu_enable_async_dispatch', bool(enabled))
+
+
+
+def release_freed_host_memory(keep_top: int = 0) -> bool:
+  """Give the pages of memory freed so far back to the system (glibc malloc_trim), all but
+  `keep_top` bytes at the top of the heap. With trimming off (above) XLA's compile leaves about
+  1 GiB of freed heap resident for the RefineNet-R50 step, and the step's temporaries, one
+  block that does not fit in those fragments, come on top; after a step, a block stranded below
+  the top of the heap (see the module docstring) is given back, while keep_top = the block's
+  size keeps the one the next step reuses (docs/benchmarks.md, "Host memory"). False (and
+  nothing done) off glibc or when CEN_JAX_KEEP_HOST_MEMORY=0."""
+  if os.environ.get('CEN_JAX_KEEP_HOST_MEMORY', '1') == '0' or not sys.platform.startswith('linux'):
+    return False
+  try:
+    trim = ctypes.CDLL('libc.so.6').malloc_trim
+  except (OSError, AttributeError):
+    return False
+  trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+  trim(max(int(keep_top), 0))
+  return True
+
+
+def release_start_up_memory() -> bool:
+  """Once the state and the compiled step exist, before the first step: drop JAX's in-memory
+  caches of start-up programs (parameter init, shape tracing; the step is held compiled, and
+  later programs compile or load as usual), collect, and `release_freed_host_memory`. About
+  60 MiB of the R50 train step's resident memory, and what the compile left in the heap."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top: after keep_freed_host_memory
+  jax.clear_caches()
+  gc.collect()
+  return release_freed_host_memory()

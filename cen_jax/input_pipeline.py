@@ -480,6 +480,11 @@ class TrainIterator:
     self._next = 0
     self._it = None
 
+  def peek(self) -> dict:
+    """The batch `next` yields next, read without moving the iterator (the stream has random
+    access): its shapes let the step compile before the state exists."""
+    return self._dataset[self._next]
+
   def _start(self):
     import grain
     ds = self._dataset[self._next:] if self._next else self._dataset
@@ -616,8 +621,24 @@ def eval_iterator(config, split: str, sample, *, batch_size: int, process_index:
     shapes = _mask_shapes(directory, split)
   chunks = eval_batches(shapes, batch_size, process_index, process_count)
   if not chunks:
-    return iter(())
+    return _Counted(iter(()), 0)
   loader = _EvalBatch(sample, _Source(directory, split), batch_size)
   ds = grain.MapDataset.source(chunks).map(loader).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
-  return iter(ds)
+  return _Counted(iter(ds), len(chunks))
+
+
+class _Counted:
+  """An iterator that knows how many items it yields (len), for a progress bar."""
+
+  def __init__(self, iterator, count: int):
+    self._iterator, self._count = iterator, count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def __len__(self) -> int:
+    return self._count

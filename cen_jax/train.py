@@ -16,6 +16,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cen_jax import checkpoints as ckpt_lib
+from cen_jax import compile_cache
+from cen_jax import host_memory
 from cen_jax import input_pipeline
 from cen_jax import run_log as log_lib
 from cen_jax import runtime
@@ -94,17 +96,39 @@ class Runner:
       self._step = jax.jit(mapped, donate_argnums=(0,))
       self.batch_sharding = {k: NamedSharding(self.mesh, s) for k, s in specs.items()}
 
+    self.compiled = None
+    self._keep_top = None  # CPU: host bytes kept at the top of the heap after each step
+
   def place_state(self, state):
     return put_replicated(state, self.replicated)
 
-  def step(self, state, host_batch):
+  def compile(self, abstract_state, host_batch) -> None:
+    """Compiles the step for this state's shapes (jax.ShapeDtypeStructs are enough) and this
+    host batch's, so that it can be done before the state exists: XLA's compile then does not
+    add its working memory on top of the parameters and the optimiser state (about 850 MiB
+    of the RefineNet-R50 step's peak at 128x128, docs/benchmarks.md "Host memory")."""
+    if self.kind != 'pmap':
+      abstract_state = ckpt_lib.abstract_like(abstract_state, self.replicated)
+    self.compiled = self._step.lower(abstract_state, self._device_batch(host_batch)).compile()
+    host_memory.release_freed_host_memory()  # the compiler's working memory, before the state
+    memory = self.compiled.memory_analysis()
+    if memory is not None and jax.default_backend() == 'cpu':
+      self._keep_top = memory.temp_size_in_bytes + (64 << 20)
+
+  def _device_batch(self, host_batch):
     if self.kind == 'pmap':
-      return self._step(state, device_batch(self.config, host_batch, self.num_local,
-                                            for_pmap=True, keys=self.keys))
+      return device_batch(self.config, host_batch, self.num_local, for_pmap=True,
+                          keys=self.keys)
     batch = device_batch(self.config, host_batch, 0, for_pmap=False, keys=self.keys)
-    batch = {k: jax.make_array_from_process_local_data(self.batch_sharding[k], v)
-             for k, v in batch.items()}
-    return self._step(state, batch)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], v)
+            for k, v in batch.items()}
+
+  def step(self, state, host_batch):
+    step = self._step if self.compiled is None else self.compiled
+    out = step(state, self._device_batch(host_batch))
+    if self._keep_top is not None:  # a temporaries block stranded below the heap's top, if any
+      host_memory.release_freed_host_memory(keep_top=self._keep_top)
+    return out
 
 
 def _skipping_nonfinite(step_fn):
@@ -196,21 +220,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_steps = task.total_steps(config, steps_per_epoch)
   eval_every = max(int(config.train.eval_every_epochs * steps_per_epoch), 1)
 
-  state = initial_state(config, model)
-  meta = ckpt_lib.model_meta(config, state.params)
+  template = template_state(config, model)  # shapes only: the state is made after the compile
+  meta = ckpt_lib.model_meta(config, template.params)
   ckpts = open_checkpoints(config, workdir, keep=config.train.keep_checkpoints)
   ckpts.check_compatible(meta, workdir)  # before anything is written
   train_iter = input_pipeline.train_iterator(
       config, task.train_sample(config), seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
+  state = None
   if ckpts.all_steps():  # resume from the newest checkpoint that restores
     state, _ = ckpts.restore_first_intact(
         sorted(ckpts.all_steps(), reverse=True),
-        ckpt_lib.abstract_like(state, replicated_sharding()), data_iterator=train_iter,
+        ckpt_lib.abstract_like(template, replicated_sharding()), data_iterator=train_iter,
         set_aside=True)
-  first_step = int(jax.device_get(state.step))
   runner = Runner(config, model, starts)
+  runner.compile(template, train_iter.peek())
+  if state is None:
+    state = initial_state(config, model)
+  first_step = int(jax.device_get(state.step))
   state = runner.place_state(state)
+  host_memory.release_start_up_memory()  # before the step's temporaries are first allocated
   reset_opt = jax.jit(lambda params: task.reset_optimizer(config, params),
                       out_shardings=replicated_sharding())
   eval_fn = task.make_eval_fn(config, model)
@@ -228,7 +257,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def sync(done):  # the loop's only host sync between evaluations
     if pending:
       summary = guard.check(jax.device_get(pending), done)
-      # Wall time per step of this log window (the first includes compilation).
+      # Wall time per step of this log window (the step is compiled before the loop).
       summary['time/step_seconds'] = (time.perf_counter() - window_start[0]) / len(pending)
       pending.clear()
       writer.write_scalars(done, summary)
@@ -342,8 +371,11 @@ class Preemption:
 def template_state(config, model) -> TrainState:
   """Shapes and dtypes of a fresh TrainState (no initialiser runs)."""
   task = _task(config)
-  return jax.eval_shape(lambda: task.state_from_variables(
-      config, task.init_variables(config, model, jax.random.key(0))))
+  # A second process of the same config and code reads it from the start-up cache, untraced.
+  return compile_cache.cached_abstract(
+      f'{task.__name__}.template_state', config, lambda: jax.eval_shape(
+          lambda: task.state_from_variables(
+              config, task.init_variables(config, model, jax.random.key(0)))))
 
 
 def restore_state(config, workdir: str, model, checkpoint: str = '') -> tuple[TrainState, int]:

@@ -1,5 +1,6 @@
 """cen_jax/host_memory.py: with the setting, a freed large buffer stays in the process (resident,
-for the next allocation); without it (CEN_JAX_KEEP_HOST_MEMORY=0), glibc unmaps it at once."""
+for the next allocation) until released on request; without it (CEN_JAX_KEEP_HOST_MEMORY=0),
+glibc unmaps it at once."""
 
 import os
 import subprocess
@@ -22,25 +23,29 @@ resident = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf(
 before = resident()
 np.ones(64 * 2 ** 20 // 8).sum()  # allocate, write, free
 print(resident() - before)
+print(host_memory.release_freed_host_memory())
+print(resident() - before)
 '''
 
 
 def run(keep: bool):
-  """(applied, bytes of the freed buffer still resident) in a fresh process."""
+  """(applied, bytes of the freed buffer still resident, released, bytes resident after the
+  release) in a fresh process."""
   env = dict(os.environ, CEN_JAX_KEEP_HOST_MEMORY='1' if keep else '0')
   out = subprocess.run([sys.executable, '-c', PROGRAM.format(root=ROOT)], env=env,
                        capture_output=True, text=True, check=True).stdout.split()
-  return out[0] == 'True', int(out[1])
+  return out[0] == 'True', int(out[1]), out[2] == 'True', int(out[3])
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
 def test_freed_buffers_stay_in_the_process():
-  applied, kept = run(keep=True)
+  applied, kept, released, left = run(keep=True)
   if not applied:
     pytest.skip('no glibc mallopt here')
   assert kept > 0.9 * 64 * 2 ** 20
-  applied, kept = run(keep=False)
-  assert not applied
+  assert released and left < 0.1 * 64 * 2 ** 20  # malloc_trim gives it back on request
+  applied, kept, released, _ = run(keep=False)
+  assert not applied and not released
   assert kept < 0.1 * 64 * 2 ** 20  # the default allocator gave it back
 
 

@@ -21,11 +21,14 @@ def random_batch(config, batch, size=(20, 24), seed=0):
   return out
 
 
-def run_steps(config, devices, batches):
-  """(final state, [host scalars of each step]) of the configured task's runner."""
+def run_steps(config, devices, batches, compile_first=False):
+  """(final state, [host scalars of each step]) of the configured task's runner; compile_first:
+  its step compiled from the state's shapes before the state exists, as main.py does."""
   model = train.build(config)
   starts = train.stage_starts(config, steps_per_epoch=2)
   runner = train.Runner(config, model, starts, devices=devices)
+  if compile_first:
+    runner.compile(train.template_state(config, model), batches[0])
   state = runner.place_state(train.create_state(config, model, jax.random.key(0)))
   scalars = []
   for batch in batches:
@@ -65,6 +68,17 @@ def test_data_parallel_step_equals_single_device(parallel):
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        multi.batch_stats, fresh.batch_stats)
   assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+@pytest.mark.parametrize('parallel', ['pmap', 'shard_map'])
+def test_a_step_compiled_before_the_state_exists_is_the_same_step(parallel):
+  config = tiny_config()
+  config.train.parallel = parallel
+  batches = [random_batch(config, 4, seed=s) for s in range(2)]
+  lazy, lazy_scalars = run_steps(config, jax.devices()[:2], batches)
+  first, first_scalars = run_steps(config, jax.devices()[:2], batches, compile_first=True)
+  assert total_losses(first_scalars) == total_losses(lazy_scalars)
+  assert_trees_close(first, lazy, rtol=0, atol=0)
 
 
 def test_frozen_bn_keeps_statistics():
