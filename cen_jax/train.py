@@ -107,6 +107,8 @@ class Runner:
     host batch's, so that it can be done before the state exists: XLA's compile then does not
     add its working memory on top of the parameters and the optimiser state (about 850 MiB
     of the RefineNet-R50 step's peak at 128x128, docs/benchmarks.md "Host memory")."""
+    if self.kind == 'pmap' and jax.process_count() > 1:
+      return  # pmap puts every argument across processes, so it lowers concrete values only
     if self.kind != 'pmap':
       abstract_state = ckpt_lib.abstract_like(abstract_state, self.replicated)
     self.compiled = self._step.lower(abstract_state, self._device_batch(host_batch)).compile()
