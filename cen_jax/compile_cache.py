@@ -225,16 +225,16 @@ def _signature(args) -> Optional[tuple]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   leaves, tree = jax.tree.flatten(args)
   out = []
-  for x in leaves:
+  for x in leaves:  # hashable objects, no strings: this runs on every call (every eval batch)
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
       return None  # PRNG keys: left to jax.jit
     if isinstance(x, jax.Array):
-      out.append((x.shape, str(x.dtype), x.weak_type, str(x.sharding)))
+      out.append((x.shape, x.dtype, x.weak_type, x.sharding))
     elif isinstance(x, np.ndarray):
-      out.append((x.shape, str(x.dtype), 'host'))
+      out.append((x.shape, x.dtype, 'host'))
     else:
       return None
-  return str(tree), tuple(out)
+  return tree, tuple(out)
 
 
 def function_name(fn: Callable) -> str:

@@ -39,13 +39,21 @@ M_ARENA_MAX = -8
 SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 4))
 
 
+def _glibc(name: str):
+  """glibc's function `name`; None off Linux, on other libcs (musl: no mallopt) or when
+  CEN_JAX_KEEP_HOST_MEMORY=0."""
+  if os.environ.get('CEN_JAX_KEEP_HOST_MEMORY', '1') == '0' or not sys.platform.startswith('linux'):
+    return None
+  try:
+    return getattr(ctypes.CDLL('libc.so.6'), name)
+  except (OSError, AttributeError):
+    return None
+
+
 def keep_freed_host_memory() -> bool:
   """Configure glibc malloc as above; False (and no change) off glibc or when disabled."""
-  if os.environ.get('CEN_JAX_KEEP_HOST_MEMORY', '1') == '0' or not sys.platform.startswith('linux'):
-    return False
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):  # musl and other libcs: no mallopt
+  mallopt = _glibc('mallopt')
+  if mallopt is None:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return all([mallopt(param, value) == 1 for param, value in SETTINGS])
@@ -71,11 +79,8 @@ def release_freed_host_memory(keep_top: int = 0) -> bool:
   the top of the heap (see the module docstring) is given back, while keep_top = the block's
   size keeps the one the next step reuses (docs/benchmarks.md, "Host memory"). False (and
   nothing done) off glibc or when CEN_JAX_KEEP_HOST_MEMORY=0."""
-  if os.environ.get('CEN_JAX_KEEP_HOST_MEMORY', '1') == '0' or not sys.platform.startswith('linux'):
-    return False
-  try:
-    trim = ctypes.CDLL('libc.so.6').malloc_trim
-  except (OSError, AttributeError):
+  trim = _glibc('malloc_trim')
+  if trim is None:
     return False
   trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
   trim(max(int(keep_top), 0))
