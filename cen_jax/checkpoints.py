@@ -99,6 +99,17 @@ def check_same_model(expected: dict, found: dict, where: str) -> None:
           f'{_shape_str(theirs.get(key))} there but {_shape_str(ours.get(key))} in this config')
 
 
+def check_same_shapes(expected, found, where: str) -> None:
+  """Raise a one-line error naming the first leaf of `found` whose shape or dtype is not
+  `expected`'s."""
+  for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
+                               jax.tree.leaves(found)):
+    if np.shape(got) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise IncompatibleCheckpointError(
+          f'{where}: {path_str(path)} is {np.dtype(got.dtype).name}{_shape_str(np.shape(got))}, '
+          f'the model has {np.dtype(want.dtype).name}{_shape_str(want.shape)}')
+
+
 def _shape_str(shape):
   return 'absent' if shape is None else str(tuple(shape))
 
@@ -203,8 +214,9 @@ class Checkpoints:
         return
 
   def restore_first_intact(self, steps, abstract_state: Any, *, data_iterator=None,
-                           set_aside: bool = False):
-    """(state, step) of the first of `steps` that restores.
+                           set_aside: bool = False, weights_only: bool = False):
+    """(state, step) of the first of `steps` that restores (`weights_only`: see
+    `restore_weights`).
 
     A step whose files are damaged (`is_damage`: a truncated or missing file, a failed
     checksum) is reported in one line on stderr, with its whole error and what the storage
@@ -218,7 +230,8 @@ class Checkpoints:
       try:
         with _stderr_kept_unless_failed() as captured:
           self.meta(step)  # a step whose meta is damaged is damaged
-          state = self.restore(step, abstract_state, data_iterator=data_iterator)
+          state = self.restore_weights(step, abstract_state) if weights_only else \
+              self.restore(step, abstract_state, data_iterator=data_iterator)
       except Exception as e:
         if not is_damage(e):
           sys.stderr.write(captured.get('stderr', ''))
@@ -313,6 +326,19 @@ class Checkpoints:
         self.manager.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iterator))))
     return restored['state']
+
+  def restore_weights(self, step: int, abstract_state: Any):
+    """`abstract_state` (a TrainState) with its step, params and batch_stats read from `step`
+    as host arrays and its optimiser state left on disk (None): what eval and predict use. It
+    reads half the arrays and places none of them, about a fifth of `restore`'s time."""
+    fields = ('step', 'params', 'batch_stats')
+    item = {name: getattr(abstract_state, name) for name in fields}
+    host = jax.tree.map(lambda unused: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), 'state'),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=host, partial_restore=True))
+    check_same_shapes(item, restored, os.path.join(self.directory, str(step)))
+    return abstract_state.replace(opt_state=None, **restored)
 
   def wait(self):
     if self.manager:

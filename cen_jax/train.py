@@ -380,9 +380,11 @@ def template_state(config, model) -> TrainState:
               config, task.init_variables(config, model, jax.random.key(0)))))
 
 
-def restore_state(config, workdir: str, model, checkpoint: str = '') -> tuple[TrainState, int]:
+def restore_state(config, workdir: str, model, checkpoint: str = '', *,
+                  weights_only: bool = False) -> tuple[TrainState, int]:
   """(TrainState, step) from the workdir's best checkpoint, or `checkpoint` (a step number or a
-  path to a step directory)."""
+  path to a step directory). weights_only: without the optimiser state (None), read as host
+  arrays (`Checkpoints.restore_weights`)."""
   directory, step = workdir, None
   if checkpoint:
     if checkpoint.isdigit():
@@ -403,15 +405,18 @@ def restore_state(config, workdir: str, model, checkpoint: str = '') -> tuple[Tr
   ckpts.check_compatible(ckpt_lib.model_meta(config, template.params), directory)
   try:
     return ckpts.restore_first_intact(
-        steps, ckpt_lib.abstract_like(template, replicated_sharding()))
+        steps, ckpt_lib.abstract_like(template, replicated_sharding()),
+        weights_only=weights_only)
   finally:
     ckpts.close()
 
 
 def restore_variables(config, workdir: str, model, checkpoint: str = '') -> tuple[dict, int]:
-  """(variables for evaluation and predict, step); see `restore_state`."""
-  state, step = restore_state(config, workdir, model, checkpoint)
-  return _task(config).eval_variables(state), step
+  """(variables for evaluation and predict, replicated on every device, and step); see
+  `restore_state`. The optimiser state is not read."""
+  state, step = restore_state(config, workdir, model, checkpoint, weights_only=True)
+  variables = _task(config).eval_variables(state)
+  return put_replicated(variables, replicated_sharding()), step
 
 
 def import_torch_checkpoint(config, paths, workdir: str) -> int:
