@@ -1,7 +1,8 @@
 """Start-up time of main.py, cold (empty compilation cache) and warm (a second run of the same
 config and shapes, config.compile_cache_dir filled by the first).
 
-  .venv/bin/python benchmarks/startup.py [--config configs/demo.py] [--repeats 1]
+  .venv/bin/python benchmarks/startup.py [--config configs/demo.py] [--repeats 1] \
+      [--flag=--config.model.blocks='(3,4,6,3)' ...]
 
 Every run is a fresh process (`python main.py ...`), timed from its start to its first
 step or batch (the progress bar's first `1/N` line) and to its exit:
@@ -92,9 +93,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/demo.py')
   parser.add_argument('--repeats', type=int, default=1)
+  parser.add_argument('--flag', dest='flags', action='append', default=[],
+                      help='one more main.py flag for every run (a config override), as '
+                      "--flag=--config.model.stem_width=64; repeat it for more")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix='cen_jax_startup_') as root:
-    data = [f'--config={args.config}', f'--config.data.data_dir={root}/tfds']
+    data = [f'--config={args.config}', f'--config.data.data_dir={root}/tfds', *args.flags]
     subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *data, '--mode=prepare'],
                    cwd=ROOT, check=True, capture_output=True)
     inputs = write_pair(root)
@@ -116,7 +120,7 @@ def main():
             shutil.rmtree(workdir, ignore_errors=True)
           runs[kind].append(timed_main(flags))
       rows.append((mode, runs))
-  print(f'{args.config}, {args.repeats} run(s) each, medians:\n')
+  print(f'{" ".join([args.config, *args.flags])}, {args.repeats} run(s) each, medians:\n')
   print('| mode | to first step/batch: cold / warm (s) | cold / warm | to exit: cold / warm (s) '
         '| cold / warm |')
   print('|---|---|---|---|---|')

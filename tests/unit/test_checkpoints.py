@@ -63,6 +63,13 @@ def test_refuses_another_model(tmp_path):
   message = str(e.value)
   assert '\n' not in message
   assert "'clf_conv/bias'" in message and '(5,)' in message and '(7,)' in message
+  # restore_weights reads arrays as stored (numpy), then checks them against the model.
+  target = ckpt_lib.abstract_like(make_state(other), sharding_on(jax.devices()[:1]))
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
+    ckpt_lib.Checkpoints(str(tmp_path), read_only=True).restore_weights(1, target)
+  message = str(e.value)
+  assert '\n' not in message and 'clf_conv/bias' in message
+  assert '(5,)' in message and '(7,)' in message
   config.modalities = ('rgb',)
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='modalities'):
     ckpt_lib.Checkpoints(str(tmp_path)).check_compatible(
@@ -317,21 +324,17 @@ def test_an_imported_step_0_without_input_position_starts_the_input_from_its_beg
   ckpts.close()
 
 
-def trained_state(config):
-  """A state one SGD step in, so params, batch_stats, step and the optimiser state all hold
-  values a fresh state does not."""
+def moved_state(config):
+  """A state whose step, params and batch_stats all hold values a fresh state does not."""
   state = make_state(config)
-  return state.replace(
-      step=state.step + 7,
-      params=jax.tree.map(lambda x: x + 0.5, state.params),
-      batch_stats=jax.tree.map(lambda x: x * 2.0 + 1.0, state.batch_stats),
-      opt_state=jax.tree.map(lambda x: x + 3.0 if jax.dtypes.issubdtype(
-          x.dtype, np.floating) else x, state.opt_state))
+  return state.replace(step=state.step + 7,
+                       params=jax.tree.map(lambda x: x + 0.5, state.params),
+                       batch_stats=jax.tree.map(lambda x: x * 2.0 + 1.0, state.batch_stats))
 
 
 def test_restore_weights_reads_the_state_but_its_optimiser_state_as_host_arrays(tmp_path):
   config = tiny_config()
-  state = trained_state(config)
+  state = moved_state(config)
   ckpts = ckpt_lib.Checkpoints(str(tmp_path), async_save=False)
   ckpts.save(4, state, ckpt_lib.model_meta(config, state.params))
   ckpts.close()
@@ -357,18 +360,3 @@ def test_restore_weights_skips_a_damaged_step_too(tmp_path, kind):
   assert step == 11 and weights.opt_state is None
   assert sorted(ckpts.all_steps()) == [11, 12]  # eval and predict move nothing
   ckpts.close()
-
-
-def test_restore_weights_of_another_model_is_one_line_naming_the_leaf(tmp_path):
-  config = tiny_config()
-  state = make_state(config)
-  ckpts = ckpt_lib.Checkpoints(str(tmp_path), async_save=False)
-  ckpts.save(1, state, ckpt_lib.model_meta(config, state.params))
-  ckpts.close()
-  other = tiny_config(num_classes=7)
-  target = ckpt_lib.abstract_like(make_state(other), sharding_on(jax.devices()[:1]))
-  with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
-    ckpt_lib.Checkpoints(str(tmp_path), read_only=True).restore_weights(1, target)
-  message = str(e.value)
-  assert '\n' not in message and 'clf_conv/bias' in message
-  assert '(5,)' in message and '(7,)' in message
