@@ -50,12 +50,16 @@ def test_keeps_latest_and_best(tmp_path):
   ckpts.close()
 
 
+def save_one(tmp_path, config, state, step: int) -> None:
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), async_save=False)
+  ckpts.save(step, state, ckpt_lib.model_meta(config, state.params))
+  ckpts.close()
+
+
 def test_refuses_another_model(tmp_path):
   config = tiny_config()
   state = make_state(config)
-  ckpts = ckpt_lib.Checkpoints(str(tmp_path), async_save=False)
-  ckpts.save(1, state, ckpt_lib.model_meta(config, state.params))
-  ckpts.close()
+  save_one(tmp_path, config, state, 1)
   other = tiny_config(num_classes=7)
   other_meta = ckpt_lib.model_meta(other, make_state(other).params)
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
@@ -335,9 +339,7 @@ def moved_state(config):
 def test_restore_weights_reads_the_state_but_its_optimiser_state_as_host_arrays(tmp_path):
   config = tiny_config()
   state = moved_state(config)
-  ckpts = ckpt_lib.Checkpoints(str(tmp_path), async_save=False)
-  ckpts.save(4, state, ckpt_lib.model_meta(config, state.params))
-  ckpts.close()
+  save_one(tmp_path, config, state, 4)
   target = ckpt_lib.abstract_like(make_state(config, seed=1), sharding_on(jax.devices()))
   weights = ckpt_lib.Checkpoints(str(tmp_path), read_only=True).restore_weights(4, target)
   assert weights.opt_state is None
