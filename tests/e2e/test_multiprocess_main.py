@@ -147,6 +147,18 @@ def test_two_processes_through_main_match_one_process_with_two_devices(tmp_path,
                                  err_msg=f'{name}/{key}')
   assert os.path.isfile(os.path.join(two, 'previews', f'step_{NUM_STEPS:07d}.png'))
   assert latest_step(two) == NUM_STEPS
+
+  # `--mode eval` on the two processes (each reads the weights, not the optimiser state, and
+  # places them on every device) writes the same metrics again.
+  os.remove(os.path.join(two, 'eval_results.json'))
+  assert_ok(run(tmp_path, 'eval', [*common, f'--workdir={two}', '--mode=eval',
+                                   f'--checkpoint={NUM_STEPS}'], processes=2))
+  with open(os.path.join(two, 'eval_results.json')) as f:
+    evaluated = json.load(f)
+  for name, scores in expected['metrics'].items():
+    for key, value in scores.items():
+      np.testing.assert_allclose(evaluated['metrics'][name][key], value, rtol=1e-6,
+                                 err_msg=f'eval: {name}/{key}')
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', str(NUM_STEPS), 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']  # input positions
 
