@@ -3,6 +3,7 @@
 Layout: `<workdir>/checkpoints/<step>/{state, meta, data}`:
 - state: TrainState (params, batch_stats, opt_state, step) as replicated global arrays, so a
   checkpoint restores on any device count (the restore target carries today's shardings);
+  eval and predict read all but opt_state (`Checkpoints.restore_weights`);
 - meta: JSON with parameter shapes, modalities, the config and eval metrics (used to refuse a
   workdir that holds another model and to find the best step);
 - data: one JSON file per process with its input iterator's state (grain's handler), so that a
