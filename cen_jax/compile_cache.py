@@ -282,15 +282,17 @@ class CachedJit:
     self.config = config
     self.jitted = jax.jit(fn, **jit_kwargs)
     self.compiled = {}
+    self.folder = None  # startup_folder(), at the first call (after main.py set the cache up)
 
   def __call__(self, *args):
-    folder = startup_folder()
-    signature = _signature(args) if folder else None
+    if self.folder is None:
+      self.folder = startup_folder()
+    signature = _signature(args) if self.folder else None
     if signature is None:
       return self.jitted(*args)
     compiled = self.compiled.get(signature)
     if compiled is None:
-      compiled = self.compiled[signature] = self._load_or_compile(folder, signature, args)
+      compiled = self.compiled[signature] = self._load_or_compile(self.folder, signature, args)
     return compiled(*args)
 
   def _load_or_compile(self, folder: str, signature, args):

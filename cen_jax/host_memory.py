@@ -25,6 +25,7 @@ train.Runner gives such a block back after each step (`release_freed_host_memory
 """
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -39,23 +40,32 @@ M_ARENA_MAX = -8
 SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 4))
 
 
-def _glibc(name: str):
-  """glibc's function `name`; None off Linux, on other libcs (musl: no mallopt) or when
-  CEN_JAX_KEEP_HOST_MEMORY=0."""
-  if os.environ.get('CEN_JAX_KEEP_HOST_MEMORY', '1') == '0' or not sys.platform.startswith('linux'):
+@functools.lru_cache(maxsize=None)
+def _glibc_function(name: str, argtypes: tuple):
+  """glibc's function `name`, typed, looked up once (malloc_trim runs after every step); None
+  off Linux and on other libcs (musl: no mallopt)."""
+  if not sys.platform.startswith('linux'):
     return None
   try:
-    return getattr(ctypes.CDLL('libc.so.6'), name)
+    function = getattr(ctypes.CDLL('libc.so.6'), name)
   except (OSError, AttributeError):
     return None
+  function.argtypes, function.restype = argtypes, ctypes.c_int
+  return function
+
+
+def _glibc(name: str, argtypes: tuple):
+  """`_glibc_function`, or None when CEN_JAX_KEEP_HOST_MEMORY=0."""
+  if os.environ.get('CEN_JAX_KEEP_HOST_MEMORY', '1') == '0':
+    return None
+  return _glibc_function(name, argtypes)
 
 
 def keep_freed_host_memory() -> bool:
   """Configure glibc malloc as above; False (and no change) off glibc or when disabled."""
-  mallopt = _glibc('mallopt')
+  mallopt = _glibc('mallopt', (ctypes.c_int, ctypes.c_int))
   if mallopt is None:
     return False
-  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return all([mallopt(param, value) == 1 for param, value in SETTINGS])
 
 
@@ -79,10 +89,9 @@ def release_freed_host_memory(keep_top: int = 0) -> bool:
   the top of the heap (see the module docstring) is given back, while keep_top = the block's
   size keeps the one the next step reuses (docs/benchmarks.md, "Host memory"). False (and
   nothing done) off glibc or when CEN_JAX_KEEP_HOST_MEMORY=0."""
-  trim = _glibc('malloc_trim')
+  trim = _glibc('malloc_trim', (ctypes.c_size_t,))
   if trim is None:
     return False
-  trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
   trim(max(int(keep_top), 0))
   return True
 
